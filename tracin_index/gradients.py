@@ -1,0 +1,332 @@
+"""Stage 2: exact per-triple gradients of the tracked parameters, batched, in factored form.
+
+One forward pass with hooks on the tracked modules and one ``autograd.grad`` down to their outputs
+give every row's ``delta = dL/d(output)``; in eval mode rows are independent, so this is exact. From
+``(input, delta)`` each parameter's per-triple gradient is kept in the cheapest exact form:
+
+- :class:`OuterGrad` for ``nn.Linear`` weights: ``g_i = sum_r u[i, r] v[i, r]^T`` (never materialised);
+- :class:`RowsGrad` for ``nn.Embedding`` weights: only the looked-up rows;
+- :class:`DenseGrad` for everything else (BatchNorm, Conv, biases), via ``torch.func.vmap`` over rows.
+
+:func:`inner` gives exact inner products between two sets of such gradients; :func:`sq_norms` the
+exact squared norms; :func:`densify` the flat vectors (for small models and tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .errors import InputError
+from .losses import Loss
+from .model import internal_rows
+
+__all__ = [
+    "DenseGrad",
+    "GradBlock",
+    "GradientComputer",
+    "OuterGrad",
+    "RowsGrad",
+    "TrackedParam",
+    "concat",
+    "densify",
+    "inner",
+    "sq_norms",
+]
+
+
+@dataclass(frozen=True)
+class TrackedParam:
+    """A tracked parameter: its name, owning module, gradient form and shape."""
+
+    name: str
+    module: str
+    kind: str  # "outer" | "rows" | "dense"
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class DenseGrad:
+    """``values (B, D) float32``: the flattened per-triple gradient."""
+
+    values: torch.Tensor
+
+
+@dataclass
+class OuterGrad:
+    """Per-triple ``sum_r u[:, r] v[:, r]^T``; ``u (B, R, out)``, ``v (B, R, in)`` float32."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass
+class RowsGrad:
+    """Per-triple sparse rows of an ``(E, d)`` table: ``index (B, R) int64``, ``values (B, R, d) float32``.
+
+    Repeated indices add up.
+    """
+
+    index: torch.Tensor
+    values: torch.Tensor
+    num_rows: int
+
+
+GradBlock = DenseGrad | OuterGrad | RowsGrad
+
+
+def describe_parameters(model: nn.Module, names: list[str]) -> list[TrackedParam]:
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    out = []
+    for name in names:
+        mod_name, _, leaf = name.rpartition(".")
+        mod = modules[mod_name]
+        if isinstance(mod, nn.Linear) and leaf == "weight":
+            kind = "outer"
+        elif isinstance(mod, nn.Embedding) and leaf == "weight":
+            kind = "rows"
+        else:
+            kind = "dense"
+        out.append(TrackedParam(name=name, module=mod_name, kind=kind, shape=tuple(params[name].shape)))
+    return out
+
+
+class GradientComputer:
+    """Per-triple gradients of ``loss`` for the tracked parameters of ``model`` (in eval mode).
+
+    ``__call__(triples)`` takes raw-id triples ``(B, 3) int64`` and returns one block per tracked
+    parameter, in order. Triples of models trained with inverse triples contribute both directions.
+    """
+
+    def __init__(self, model: nn.Module, tracked: list[TrackedParam], loss: Loss) -> None:
+        self.model = model
+        self.tracked = tracked
+        self.loss = loss
+        self.modules = dict(model.named_modules())
+        self.params = dict(model.named_parameters())
+        self.module_names = list(dict.fromkeys(p.module for p in tracked))
+        self.device = next(model.parameters()).device
+
+    def __call__(self, triples: torch.Tensor) -> list[GradBlock]:
+        blocks, _ = self._run(triples, check=False)
+        return blocks
+
+    def checked(self, triples: torch.Tensor, rtol: float = 1e-3) -> list[GradBlock]:
+        """Like ``__call__``, and verify that the blocks sum to the batch gradient of every parameter.
+
+        Catches parameters used outside their module's forward (e.g. an entity table read whole by
+        1-N scoring), whose per-triple gradients hooks cannot see.
+        """
+        blocks, batch_grads = self._run(triples, check=True)
+        for param, block, full in zip(self.tracked, blocks, batch_grads, strict=True):
+            mine = _sum_over_batch(block, param)
+            ref = full if full is not None else torch.zeros_like(mine)
+            err = (mine - ref).abs().max().item()
+            scale = max(ref.abs().max().item(), 1e-12)
+            if not err <= rtol * scale + 1e-7:
+                raise InputError(
+                    f"per-triple gradients of {param.name} cannot be captured with loss {self.loss.name!r}: "
+                    "the parameter is used outside its layer's per-row forward (e.g. the whole entity table in "
+                    "1-N scoring); track other layers or use --loss bce"
+                )
+        return blocks
+
+    def _run(self, triples: torch.Tensor, check: bool) -> tuple[list[GradBlock], list[torch.Tensor | None]]:
+        model = self.model
+        batch = triples.shape[0]
+        rows, per = internal_rows(model, triples.to(self.device))
+        calls: dict[str, list[tuple[Any, torch.Tensor]]] = {m: [] for m in self.module_names}
+        handles = []
+        for name in self.module_names:
+            def hook(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name) -> None:
+                calls[name].append((args[0], out))
+
+            handles.append(self.modules[name].register_forward_hook(hook))
+        tracked_tensors = [self.params[p.name] for p in self.tracked]
+        flags = [t.requires_grad for t in tracked_tensors]
+        try:
+            for t in tracked_tensors:
+                t.requires_grad_(True)
+            with torch.enable_grad():
+                loss = self.loss.fn(model, rows)
+                outputs = [out for name in self.module_names for _, out in calls[name]]
+                wrt = outputs + (tracked_tensors if check else [])
+                grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+            for t, f in zip(tracked_tensors, flags, strict=True):
+                t.requires_grad_(f)
+        deltas: dict[str, list[tuple[Any, torch.Tensor]]] = {}
+        i = 0
+        n_rows = rows.shape[0]
+        for name in self.module_names:
+            deltas[name] = []
+            for inp, out in calls[name]:
+                g = grads[i]
+                i += 1
+                if out.shape[0] != n_rows:
+                    raise InputError(
+                        f"layer {name} is not applied row by row (output {tuple(out.shape)} for {n_rows} rows); "
+                        "its per-triple gradient cannot be taken: track other layers"
+                    )
+                deltas[name].append((inp, torch.zeros_like(out) if g is None else g))
+        blocks = [self._block(p, deltas[p.module], batch, per) for p in self.tracked]
+        batch_grads: list[torch.Tensor | None] = list(grads[len(outputs) :]) if check else []
+        return blocks, batch_grads
+
+    def _block(self, p: TrackedParam, calls: list[tuple[Any, torch.Tensor]], batch: int, per: int) -> GradBlock:
+        if not calls:  # module not reached by this loss: zero gradient
+            return DenseGrad(torch.zeros(batch, p.size, device=self.device))
+        leaf = p.name.rpartition(".")[2]
+        if p.kind == "outer":
+            us, vs = [], []
+            for x, d in calls:
+                us.append(_to_examples(d.reshape(d.shape[0], -1, d.shape[-1]), batch, per))
+                vs.append(_to_examples(x.reshape(x.shape[0], -1, x.shape[-1]), batch, per))
+            return OuterGrad(u=torch.cat(us, 1).detach(), v=torch.cat(vs, 1).detach())
+        if p.kind == "rows":
+            idx, val = [], []
+            for x, d in calls:
+                idx.append(_to_examples(x.reshape(x.shape[0], -1, 1), batch, per)[..., 0])
+                val.append(_to_examples(d.reshape(d.shape[0], -1, d.shape[-1]), batch, per))
+            return RowsGrad(index=torch.cat(idx, 1).detach(), values=torch.cat(val, 1).detach(), num_rows=p.shape[0])
+        module = self.modules[p.module]
+        if isinstance(module, nn.Linear) and leaf == "bias":
+            parts = [_to_examples(d.reshape(d.shape[0], -1, d.shape[-1]), batch, per).sum(1) for _, d in calls]
+            total = torch.stack(parts).sum(0)
+            return DenseGrad(values=total.detach())
+        per_row = torch.stack([self._dense_rows(module, leaf, x, d) for x, d in calls]).sum(0)
+        return DenseGrad(values=_to_examples(per_row.reshape(per_row.shape[0], 1, -1), batch, per).sum(1))
+
+    @staticmethod
+    def _dense_rows(module: nn.Module, leaf: str, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Per-row gradient ``(rows, size)`` of one parameter of ``module`` via ``vmap`` over rows."""
+        params = {n: p.detach() for n, p in module.named_parameters(recurse=False)}
+        buffers = {n: b for n, b in module.named_buffers(recurse=False)}
+        others = {n: p for n, p in params.items() if n != leaf}
+
+        def row_fn(w: torch.Tensor, xi: torch.Tensor, di: torch.Tensor) -> torch.Tensor:
+            out = functional_call(module, {**others, leaf: w, **buffers}, (xi.unsqueeze(0),))
+            return (out * di.unsqueeze(0)).sum()
+
+        fn: Callable[..., torch.Tensor] = vmap(grad(row_fn), in_dims=(None, 0, 0))
+        return fn(params[leaf], x.detach(), d.detach()).reshape(x.shape[0], -1)
+
+
+def _to_examples(t: torch.Tensor, batch: int, per: int) -> torch.Tensor:
+    """``(per * B, S, f)`` rows (row ``j`` of triple ``j % B``) -> ``(B, per * S, f)``."""
+    _, s, f = t.shape
+    return t.reshape(per, batch, s, f).transpose(0, 1).reshape(batch, per * s, f)
+
+
+def _sum_over_batch(block: GradBlock, p: TrackedParam) -> torch.Tensor:
+    if isinstance(block, DenseGrad):
+        return block.values.sum(0).reshape(p.shape)
+    if isinstance(block, OuterGrad):
+        return torch.einsum("bro,bri->oi", block.u, block.v).reshape(p.shape)
+    out = torch.zeros(block.num_rows, block.values.shape[-1], device=block.values.device)
+    out.index_add_(0, block.index.reshape(-1), block.values.reshape(-1, block.values.shape[-1]))
+    return out.reshape(p.shape)
+
+
+# ---------------------------------------------------------------------------------------------- algebra
+
+
+def inner(a: list[GradBlock], b: list[GradBlock]) -> torch.Tensor:
+    """Exact inner products ``(Na, Nb) float32`` between two gradient sets over the same parameters."""
+    total: torch.Tensor | None = None
+    for x, y in zip(a, b, strict=True):
+        part = _inner_block(x, y)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _inner_block(x: GradBlock, y: GradBlock) -> torch.Tensor:
+    if isinstance(x, DenseGrad) and isinstance(y, DenseGrad):
+        return x.values @ y.values.T
+    if isinstance(x, OuterGrad) and isinstance(y, OuterGrad):
+        # <sum_r u_r v_r^T, sum_s u'_s v'_s^T> = sum_{r,s} (u_r . u'_s)(v_r . v'_s)
+        uu = torch.einsum("aro,bso->arbs", x.u, y.u)
+        vv = torch.einsum("ari,bsi->arbs", x.v, y.v)
+        return (uu * vv).sum(dim=(1, 3))
+    if isinstance(x, RowsGrad) and isinstance(y, RowsGrad):
+        same = x.index[:, :, None, None] == y.index[None, None, :, :]
+        dots = torch.einsum("ard,bsd->arbs", x.values, y.values)
+        return (dots * same).sum(dim=(1, 3))
+    raise TypeError(f"cannot take the inner product of {type(x).__name__} and {type(y).__name__}")
+
+
+def sq_norms(blocks: list[GradBlock]) -> torch.Tensor:
+    """Exact squared norms ``(B,) float32`` of each triple's gradient."""
+    total: torch.Tensor | None = None
+    for blk in blocks:
+        if isinstance(blk, DenseGrad):
+            part = (blk.values * blk.values).sum(1)
+        elif isinstance(blk, OuterGrad):
+            part = (torch.einsum("bro,bso->brs", blk.u, blk.u) * torch.einsum("bri,bsi->brs", blk.v, blk.v)).sum((1, 2))
+        else:
+            same = blk.index[:, :, None] == blk.index[:, None, :]
+            part = (torch.einsum("brd,bsd->brs", blk.values, blk.values) * same).sum((1, 2))
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def densify(blocks: list[GradBlock]) -> torch.Tensor:
+    """Flat per-triple gradients ``(B, D) float32`` (D = total tracked size), in tracked order."""
+    parts = []
+    for blk in blocks:
+        if isinstance(blk, DenseGrad):
+            parts.append(blk.values)
+        elif isinstance(blk, OuterGrad):
+            parts.append(torch.einsum("bro,bri->boi", blk.u, blk.v).reshape(blk.u.shape[0], -1))
+        else:
+            b, r, d = blk.values.shape
+            out = torch.zeros(b, blk.num_rows, d, device=blk.values.device)
+            out.scatter_add_(1, blk.index.unsqueeze(-1).expand(b, r, d), blk.values)
+            parts.append(out.reshape(b, -1))
+    return torch.cat(parts, dim=1)
+
+
+def concat(parts: list[list[GradBlock]]) -> list[GradBlock]:
+    """Blocks of consecutive batches joined along the triple axis (same parameters, same R)."""
+    if len(parts) == 1:
+        return parts[0]
+    out: list[GradBlock] = []
+    for group in zip(*parts, strict=True):
+        first = group[0]
+        if isinstance(first, DenseGrad):
+            out.append(DenseGrad(torch.cat([g.values for g in group])))  # type: ignore[union-attr]
+        elif isinstance(first, OuterGrad):
+            out.append(OuterGrad(torch.cat([g.u for g in group]), torch.cat([g.v for g in group])))  # type: ignore[union-attr]
+        else:
+            out.append(RowsGrad(torch.cat([g.index for g in group]), torch.cat([g.values for g in group]), first.num_rows))  # type: ignore[union-attr]
+    return out
+
+
+def select(blocks: list[GradBlock], index: torch.Tensor) -> list[GradBlock]:
+    """The same blocks restricted to the triples at ``index``."""
+    out: list[GradBlock] = []
+    for blk in blocks:
+        if isinstance(blk, DenseGrad):
+            out.append(DenseGrad(blk.values[index]))
+        elif isinstance(blk, OuterGrad):
+            out.append(OuterGrad(blk.u[index], blk.v[index]))
+        else:
+            out.append(RowsGrad(blk.index[index], blk.values[index], blk.num_rows))
+    return out

@@ -1,0 +1,491 @@
+"""Stage 1: load a PyKEEN model, its training triples and checkpoints; pick the tracked layers.
+
+Everything here returns plain objects (a model in eval mode, an ``(N, 3) int64`` tensor of raw ids,
+label lists); nothing prints. Raw ids are the ids pykeen saves (relation ``r``); the model-internal ids
+(``2r`` and ``2r + 1`` for models trained with inverse triples) are made by :func:`internal_rows`.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+
+__all__ = [
+    "Checkpoint",
+    "ModelBundle",
+    "TriplesData",
+    "forward_order",
+    "internal_rows",
+    "load_checkpoints",
+    "load_model",
+    "load_label_triples",
+    "parse_triple",
+    "select_parameters",
+    "state_fingerprint",
+    "triples_fingerprint",
+]
+
+TRAINED_MODEL_FILE = "trained_model.pkl"
+TRAINING_TRIPLES_DIR = "training_triples"
+
+
+@dataclass(frozen=True)
+class TriplesData:
+    """Training triples as raw ids ``(N, 3) int64`` plus the label of every entity and relation id."""
+
+    mapped: torch.Tensor
+    entity_labels: list[str]
+    relation_labels: list[str]
+
+    @property
+    def entity_to_id(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.entity_labels)}
+
+    @property
+    def relation_to_id(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.relation_labels)}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model state and the learning rate in force when it was saved."""
+
+    name: str
+    state: dict[str, torch.Tensor]
+    lr: float
+    fingerprint: str
+
+
+@dataclass
+class ModelBundle:
+    """A model in eval mode, its training triples, and how it was loaded (recorded in the store)."""
+
+    model: nn.Module
+    triples: TriplesData
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise InputError(f"{what} not found: {path} (check the path)")
+    if path.is_dir():
+        raise InputError(f"{what} is a directory, expected a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{what} is not readable: {path} (check its permissions)")
+    return path
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    _require_file(path, what)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise InputError(f"{what} {path} could not be loaded by torch.load: {exc}") from exc
+
+
+def _read_tsv_rows(path: Path, what: str) -> list[list[str]]:
+    _require_file(path, what)
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        import gzip
+
+        data = gzip.decompress(data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not UTF-8 text: {exc}") from exc
+    return [row for row in csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def _read_id_map(path: Path, what: str) -> dict[str, int]:
+    """Read a two-column label/id TSV in either column order (pykeen writes ``id<TAB>label`` with a header)."""
+    rows = _read_tsv_rows(path, what)
+    mapping: dict[str, int] = {}
+    for lineno, row in enumerate(rows, start=1):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != 2:
+            raise InputError(f"{what} {path} line {lineno}: expected 2 tab-separated fields, found {len(row)}")
+        a, b = row
+        if a.strip().lstrip("-").isdigit():
+            label, value = b, int(a)
+        elif b.strip().lstrip("-").isdigit():
+            label, value = a, int(b)
+        elif lineno == 1:
+            continue  # header
+        else:
+            raise InputError(f"{what} {path} line {lineno}: neither field is an integer id")
+        mapping[label] = value
+    if not mapping:
+        raise InputError(f"{what} {path} holds no label/id pairs")
+    ids = sorted(mapping.values())
+    if ids != list(range(len(ids))):
+        raise InputError(f"{what} {path}: ids must be 0..{len(ids) - 1} without gaps or repeats")
+    return mapping
+
+
+def _labels_from_map(mapping: Mapping[str, int]) -> list[str]:
+    labels = [""] * len(mapping)
+    for label, i in mapping.items():
+        labels[i] = label
+    return labels
+
+
+def suggest(label: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(label, known, n=3)
+    return f" (closest known: {', '.join(close)})" if close else ""
+
+
+def load_label_triples(path: Path, entity_to_id: dict[str, int], relation_to_id: dict[str, int]) -> torch.Tensor:
+    """Read a ``head<TAB>relation<TAB>tail`` label file into ``(N, 3) int64`` raw ids."""
+    rows = _read_tsv_rows(path, "triples file")
+    out = []
+    known_e, known_r = list(entity_to_id), list(relation_to_id)
+    for lineno, row in enumerate(rows, start=1):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != 3:
+            raise InputError(
+                f"triples file {path} line {lineno}: expected 3 tab-separated fields (head, relation, tail), "
+                f"found {len(row)}"
+            )
+        h, r, t = row
+        for label, table, known, kind in ((h, entity_to_id, known_e, "entity"), (t, entity_to_id, known_e, "entity")):
+            if label not in table:
+                raise InputError(f"triples file {path} line {lineno}: unknown {kind} {label!r}{suggest(label, known)}")
+        if r not in relation_to_id:
+            raise InputError(f"triples file {path} line {lineno}: unknown relation {r!r}{suggest(r, known_r)}")
+        out.append((entity_to_id[h], relation_to_id[r], entity_to_id[t]))
+    if not out:
+        raise InputError(f"triples file {path} holds no triples")
+    return torch.tensor(out, dtype=torch.long)
+
+
+def parse_triple(text: str, triples: TriplesData) -> tuple[int, int, int]:
+    """Map ``"head relation tail"`` (tab- or whitespace-separated labels) to raw ids."""
+    parts = text.split("\t") if "\t" in text else text.split()
+    if len(parts) != 3:
+        raise InputError(
+            f"triple {text!r} has {len(parts)} parts; give 'head relation tail' "
+            "(separate by tabs when labels contain spaces)"
+        )
+    h, r, t = (p.strip() for p in parts)
+    e2i, r2i = triples.entity_to_id, triples.relation_to_id
+    for label, table, kind in ((h, e2i, "entity"), (r, r2i, "relation"), (t, e2i, "entity")):
+        if label not in table:
+            raise InputError(f"unknown {kind} {label!r} in triple {text!r}{suggest(label, list(table))}")
+    return e2i[h], r2i[r], e2i[t]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _triples_from_pykeen_dir(path: Path) -> TriplesData:
+    from pykeen.triples import TriplesFactory
+
+    try:
+        tf = TriplesFactory.from_path_binary(path)
+    except Exception as exc:
+        raise InputError(f"training triples directory {path} could not be read by pykeen: {exc}") from exc
+    return TriplesData(
+        mapped=tf.mapped_triples.to(torch.long).clone(),
+        entity_labels=_labels_from_map(tf.entity_to_id),
+        relation_labels=_labels_from_map(tf.relation_to_id),
+    )
+
+
+def _triples_from_tsv(triples: Path, entity_to_id: Path | None, relation_to_id: Path | None) -> TriplesData:
+    if entity_to_id is None or relation_to_id is None:
+        raise InputError("--triples needs --entity-to-id and --relation-to-id (the id maps the model was trained with)")
+    e2i = _read_id_map(Path(entity_to_id), "entity-to-id file")
+    r2i = _read_id_map(Path(relation_to_id), "relation-to-id file")
+    mapped = load_label_triples(Path(triples), e2i, r2i)
+    return TriplesData(mapped=mapped, entity_labels=_labels_from_map(e2i), relation_labels=_labels_from_map(r2i))
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("model_state_dict", "state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, dict):
+                return inner
+            if isinstance(inner, nn.Module):
+                return inner.state_dict()
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise InputError(f"{path} holds neither a model nor a state dict (found {type(obj).__name__})")
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    model_class: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    triples: str | os.PathLike[str] | None = None,
+    entity_to_id: str | os.PathLike[str] | None = None,
+    relation_to_id: str | os.PathLike[str] | None = None,
+    inverse_triples: bool | None = None,
+) -> ModelBundle:
+    """Load a model and its training triples.
+
+    ``path`` is one of: the directory ``pipeline(...).save_to_directory()`` wrote; a whole model saved
+    with ``torch.save``; or a state dict (then ``model_class`` names the pykeen model and the triples give
+    its sizes). Training triples come from ``triples`` (label TSV + id maps) or the model directory's
+    ``training_triples/``.
+    """
+    p = Path(path)
+    source: dict[str, Any] = {"path": str(p.resolve())}
+    triples_data: TriplesData | None = None
+    if triples is not None:
+        triples_data = _triples_from_tsv(Path(triples), _opt_path(entity_to_id), _opt_path(relation_to_id))
+        source["triples"] = str(Path(triples).resolve())
+        source["entity_to_id"] = str(Path(entity_to_id).resolve()) if entity_to_id else None
+        source["relation_to_id"] = str(Path(relation_to_id).resolve()) if relation_to_id else None
+
+    if not p.exists():
+        raise InputError(f"model not found: {p} (give a pykeen results directory or a torch.save file)")
+    if p.is_dir():
+        model_file = p / TRAINED_MODEL_FILE
+        if not model_file.exists():
+            raise InputError(f"{p} has no {TRAINED_MODEL_FILE}; give the directory save_to_directory() wrote")
+        obj = _torch_load(model_file, "model file")
+        if triples_data is None:
+            tdir = p / TRAINING_TRIPLES_DIR
+            if not tdir.is_dir():
+                raise InputError(f"{p} has no {TRAINING_TRIPLES_DIR}/; give --triples with --entity-to-id/--relation-to-id")
+            triples_data = _triples_from_pykeen_dir(tdir)
+    else:
+        obj = _torch_load(p, "model file")
+        if triples_data is None:
+            tdir = p.parent / TRAINING_TRIPLES_DIR
+            if not tdir.is_dir():
+                raise InputError(f"no training triples for {p}: give --triples with --entity-to-id/--relation-to-id")
+            triples_data = _triples_from_pykeen_dir(tdir)
+
+    if isinstance(obj, nn.Module):
+        model = obj
+        source["kind"] = "module"
+    else:
+        state = _state_dict_of(obj, p)
+        if model_class is None:
+            raise InputError(f"{p} is a state dict; name its model with --model-class (e.g. ConvE)")
+        model = _build_model(model_class, model_kwargs or {}, triples_data, inverse_triples)
+        _load_state(model, state, str(p))
+        source.update(kind="state_dict", model_class=model_class, model_kwargs=model_kwargs or {})
+        source["inverse_triples"] = bool(getattr(model, "use_inverse_triples", False))
+
+    _check_sizes(model, triples_data)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return ModelBundle(model=model, triples=triples_data, source=source)
+
+
+def _opt_path(p: str | os.PathLike[str] | None) -> Path | None:
+    return None if p is None else Path(p)
+
+
+def _build_model(
+    model_class: str, kwargs: dict[str, Any], triples: TriplesData, inverse_triples: bool | None
+) -> nn.Module:
+    from pykeen.models import model_resolver
+    from pykeen.triples import CoreTriplesFactory
+
+    try:
+        cls = model_resolver.lookup(model_class)
+    except Exception as exc:
+        raise InputError(f"unknown model class {model_class!r}: {exc}") from exc
+    tf = CoreTriplesFactory.create(
+        mapped_triples=triples.mapped,
+        num_entities=len(triples.entity_labels),
+        num_relations=len(triples.relation_labels),
+        create_inverse_triples=bool(inverse_triples),
+    )
+    try:
+        return cls(triples_factory=tf, random_seed=0, **kwargs)
+    except Exception as exc:
+        raise InputError(f"could not construct {model_class} with {kwargs}: {exc}") from exc
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+        raise InputError(f"{what} is not a state of this model's architecture: {detail}") from exc
+
+
+def _check_sizes(model: nn.Module, triples: TriplesData) -> None:
+    num_e = getattr(model, "num_entities", None)
+    num_r = getattr(model, "num_real_relations", None)
+    if num_e is not None and num_e != len(triples.entity_labels):
+        raise InputError(
+            f"the entity id map has {len(triples.entity_labels)} entities but the model has {num_e}; "
+            "give the id maps the model was trained with"
+        )
+    if num_r is not None and num_r != len(triples.relation_labels):
+        raise InputError(
+            f"the relation id map has {len(triples.relation_labels)} relations but the model has {num_r}; "
+            "give the id maps the model was trained with"
+        )
+    if triples.mapped.shape[0] == 0:
+        raise InputError("the training set is empty; nothing to index")
+
+
+def load_checkpoints(model: nn.Module, specs: list[tuple[str, float]]) -> list[Checkpoint]:
+    """Load ``(path, lr)`` pairs; without any, the model's own state with lr 1."""
+    if not specs:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return [Checkpoint(name="model", state=state, lr=1.0, fingerprint=state_fingerprint(state))]
+    out = []
+    reference = model.state_dict()
+    for path, lr in specs:
+        if not (lr > 0 and np.isfinite(lr)):
+            raise InputError(f"learning rate {lr} for checkpoint {path} must be a positive number")
+        p = Path(path)
+        if p.is_dir():
+            p = p / TRAINED_MODEL_FILE
+        state = _state_dict_of(_torch_load(p, "checkpoint"), p)
+        state = {k: v.detach().clone().cpu() for k, v in state.items()}
+        missing = sorted(set(reference) - set(state))
+        extra = sorted(set(state) - set(reference))
+        bad = [k for k in reference if k in state and tuple(state[k].shape) != tuple(reference[k].shape)]
+        if missing or extra or bad:
+            detail = (
+                f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else f"shape of {bad[:3]}"
+            )
+            raise InputError(f"checkpoint {path} is not a state of this model's architecture ({detail})")
+        out.append(Checkpoint(name=str(Path(path).resolve()), state=state, lr=float(lr), fingerprint=state_fingerprint(state)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- ids
+
+
+def internal_rows(model: nn.Module, triples: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Model-internal rows for ``(B, 3)`` raw-id triples, and rows per triple.
+
+    With inverse triples a training triple enters the objective as ``(h, 2r, t)`` and ``(t, 2r+1, h)``:
+    the result is ``(2B, 3)``, forward rows first; row ``j`` belongs to triple ``j % B``.
+    """
+    if not getattr(model, "use_inverse_triples", False):
+        return triples, 1
+    h, r, t = triples.unbind(dim=1)
+    forward = torch.stack([h, 2 * r, t], dim=1)
+    inverse = torch.stack([t, 2 * r + 1, h], dim=1)
+    return torch.cat([forward, inverse], dim=0), 2
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+def forward_order(model: Any, probe: torch.Tensor) -> list[str]:
+    """Names of the modules that own parameters, in the order the forward pass first enters them.
+
+    ``probe`` is a small ``(B, 3)`` raw-id batch; modules never entered (parameters read directly by a
+    parent) come first, in registration order, so they never count as "last".
+    """
+    owners = [name for name, mod in model.named_modules() if any(True for _ in mod.parameters(recurse=False))]
+    seen: list[str] = []
+    handles = []
+    modules = dict(model.named_modules())
+    for name in owners:
+        def hook(_mod: nn.Module, _args: Any, name: str = name) -> None:
+            if name not in seen:
+                seen.append(name)
+
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        rows, _ = internal_rows(model, probe)
+        with torch.no_grad():
+            model.score_hrt(rows.to(_device_of(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return [n for n in owners if n not in seen] + seen
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def select_parameters(model: nn.Module, spec: str, probe: torch.Tensor) -> list[str]:
+    """Parameter names tracked for ``spec``: ``all``, ``last:N`` or comma-separated parameter/module names.
+
+    Names come back in forward execution order of their modules.
+    """
+    order = forward_order(model, probe)
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+
+    def direct(mod_name: str) -> list[str]:
+        prefix = f"{mod_name}." if mod_name else ""
+        return [prefix + n for n, _ in modules[mod_name].named_parameters(recurse=False)]
+
+    spec = spec.strip()
+    if spec == "all":
+        chosen = [n for m in order for n in direct(m)]
+    elif spec.startswith("last:"):
+        try:
+            count = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise InputError(f"--layers {spec!r}: expected last:N with an integer N") from None
+        if not 1 <= count <= len(order):
+            raise InputError(f"--layers {spec!r}: N must be between 1 and {len(order)} (the model's parameterised layers)")
+        chosen = [n for m in order[-count:] for n in direct(m)]
+    else:
+        chosen = []
+        for item in (s.strip() for s in spec.split(",") if s.strip()):
+            if item in params:
+                chosen.append(item)
+            elif item in modules and direct(item):
+                chosen.extend(direct(item))
+            else:
+                known = list(params) + [m for m in order]
+                raise InputError(f"--layers: no parameter or layer named {item!r}{suggest(item, known)}")
+        rank = {n: i for i, n in enumerate(n for m in order for n in direct(m))}
+        chosen = sorted(dict.fromkeys(chosen), key=lambda n: rank[n])
+    if not chosen:
+        raise InputError(f"--layers {spec!r} selects no parameters")
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a state dict (independent of how it was pickled)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def triples_fingerprint(mapped: torch.Tensor) -> str:
+    """sha256 of the ``(N, 3) int64`` raw-id triples in little-endian order."""
+    arr = np.ascontiguousarray(mapped.cpu().numpy().astype("<i8"))
+    return hashlib.sha256(arr.tobytes()).hexdigest()

@@ -1,0 +1,265 @@
+"""Stage 3: seeded random projections ``R^D -> R^k`` with ``E[<Pa, Pb>] = <a, b>``, applied to factored gradients.
+
+The projection matrix is a function of ``(kind, dim, seed, tracked shapes)`` alone, identical on every
+device and run, and never materialised beyond a memory budget:
+
+- ``sparse``: CountSketch, with buckets and signs from a counter-based 64-bit hash (splitmix64) of
+  ``(seed, parameter, mode, coordinate)``, computed by the same integer arithmetic on any device. A
+  Linear weight's outer-product gradient is sketched as the circular convolution of the CountSketches
+  of its two factors (TensorSketch, via FFT): ``O(out + in + k log k)`` per triple, exact in distribution.
+- ``gaussian``: i.i.d. ``N(0, 1/k)`` entries, generated on the CPU in chunks of ``CHUNK`` columns by a
+  ``torch.Generator`` seeded from ``(seed, parameter, chunk)``, cached up to a memory budget.
+- ``none``: the flat gradient itself (exact; for small models and tests).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .gradients import DenseGrad, GradBlock, OuterGrad, RowsGrad, TrackedParam, densify
+
+__all__ = ["PROJECTIONS", "ProjectionSpec", "Projector", "make_projector", "hash64"]
+
+CHUNK = 1 << 15  # columns of P generated at once by the gaussian kind (part of its definition)
+MAX_EXACT_DIM = 1 << 20  # refuse --projection none beyond this many tracked numbers per triple
+DEFAULT_MEMORY = 1 << 30  # bytes of cached gaussian chunks
+
+_MASK64 = (1 << 64) - 1
+
+
+def _s64(v: int) -> int:
+    v &= _MASK64
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+_GOLDEN = _s64(0x9E3779B97F4A7C15)
+_MIX1 = _s64(0xBF58476D1CE4E5B9)
+_MIX2 = _s64(0x94D049BB133111EB)
+
+
+def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _lsr(z, 30)) * _MIX1
+    z = (z ^ _lsr(z, 27)) * _MIX2
+    return z ^ _lsr(z, 31)
+
+
+def _key(*parts: int) -> int:
+    """A 64-bit key from small non-negative integers (splitmix64 chained on the CPU in Python ints)."""
+    z = 0
+    for part in parts:
+        z = (z + part * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z ^= z >> 31
+    return _s64(z)
+
+
+def hash64(key: int, coords: torch.Tensor) -> torch.Tensor:
+    """splitmix64 of ``coords * golden + key``, as int64 (two's-complement wrap-around)."""
+    return _mix(coords.to(torch.int64) * _GOLDEN + key)
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """What defines the projection; written into the store and compared at query time."""
+
+    kind: str = "sparse"
+    dim: int = 1024
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.kind == "gaussian":
+            out["chunk"] = CHUNK
+        if self.kind == "sparse":
+            out["hash"] = "splitmix64"
+        return out
+
+
+class Projector:
+    """Maps one checkpoint's gradient blocks to ``(B, out_dim) float32``."""
+
+    out_dim: int
+
+    def __call__(self, blocks: list[GradBlock]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NoProjection(Projector):
+    def __init__(self, spec: ProjectionSpec, params: list[TrackedParam], device: torch.device, memory: int) -> None:
+        self.out_dim = sum(p.size for p in params)
+        if self.out_dim > MAX_EXACT_DIM:
+            raise InputError(
+                f"--projection none would store {self.out_dim:,} numbers per triple (limit {MAX_EXACT_DIM:,}); "
+                "use --projection sparse or track fewer layers"
+            )
+
+    def __call__(self, blocks: list[GradBlock]) -> torch.Tensor:
+        return densify(blocks)
+
+
+class SketchProjector(Projector):
+    """CountSketch / TensorSketch with counter-based hashes."""
+
+    def __init__(self, spec: ProjectionSpec, params: list[TrackedParam], device: torch.device, memory: int) -> None:
+        self.k = self.out_dim = spec.dim
+        self.seed = spec.seed
+        self.params = params
+        self.device = device
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _hashes(self, j: int, mode: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = hash64(_key(self.seed, j, mode), coords)
+        bucket = _lsr(h, 1) % self.k
+        sign = (h & 1).to(torch.float32) * 2 - 1
+        return bucket, sign
+
+    def _fixed(self, j: int, mode: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (j, mode) not in self._cache:
+            self._cache[(j, mode)] = self._hashes(j, mode, torch.arange(n, device=self.device))
+        return self._cache[(j, mode)]
+
+    def _countsketch(self, x: torch.Tensor, j: int, mode: int) -> torch.Tensor:
+        """``x (..., n) -> (..., k)``."""
+        bucket, sign = self._fixed(j, mode, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.zeros(flat.shape[0], self.k, device=x.device, dtype=x.dtype)
+        out.index_add_(1, bucket, flat * sign)
+        return out.reshape(*x.shape[:-1], self.k)
+
+    def __call__(self, blocks: list[GradBlock]) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for j, blk in enumerate(blocks):
+            if isinstance(blk, DenseGrad):
+                part = self._countsketch(blk.values, j, 0)
+            elif isinstance(blk, OuterGrad):
+                cu = torch.fft.rfft(self._countsketch(blk.u, j, 0), n=self.k)
+                cv = torch.fft.rfft(self._countsketch(blk.v, j, 1), n=self.k)
+                part = torch.fft.irfft((cu * cv).sum(1), n=self.k)
+            else:
+                b, _, d = blk.values.shape
+                coords = blk.index.unsqueeze(-1) * d + torch.arange(d, device=blk.index.device)
+                bucket, sign = self._hashes(j, 0, coords)
+                part = torch.zeros(b, self.k, device=blk.values.device)
+                part.scatter_add_(1, bucket.reshape(b, -1), (blk.values * sign).reshape(b, -1))
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+
+class GaussianProjector(Projector):
+    """Dense ``N(0, 1/k)`` projection, generated chunk by chunk on the CPU and cached up to ``memory`` bytes."""
+
+    def __init__(self, spec: ProjectionSpec, params: list[TrackedParam], device: torch.device, memory: int) -> None:
+        self.k = self.out_dim = spec.dim
+        self.seed = spec.seed
+        self.params = params
+        self.device = device
+        self.memory = memory
+        self._cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._cached_bytes = 0
+
+    @staticmethod
+    def _rows_cols(p: TrackedParam) -> tuple[int, int]:
+        if len(p.shape) <= 1:
+            return p.size, 1
+        return p.shape[0], p.size // p.shape[0]
+
+    def _rows_per_chunk(self, p: TrackedParam) -> int:
+        return max(1, CHUNK // self._rows_cols(p)[1])
+
+    def chunk(self, j: int, c: int) -> torch.Tensor:
+        """Chunk ``c`` of parameter ``j``'s block of P: ``(k, rows_in_chunk * cols) float32`` on the device."""
+        key = (j, c)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        p = self.params[j]
+        rows, cols = self._rows_cols(p)
+        n = self._rows_per_chunk(p)
+        width = (min(rows, (c + 1) * n) - c * n) * cols
+        gen = torch.Generator(device="cpu").manual_seed(_key(self.seed, j, c) & ((1 << 63) - 1))
+        block = (torch.randn(self.k, width, generator=gen) / self.k**0.5).to(self.device)
+        size = block.numel() * 4
+        if size <= self.memory:
+            while self._cache and self._cached_bytes + size > self.memory:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.numel() * 4
+            self._cache[key] = block
+            self._cached_bytes += size
+        return block
+
+    def __call__(self, blocks: list[GradBlock]) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for j, blk in enumerate(blocks):
+            p = self.params[j]
+            rows, cols = self._rows_cols(p)
+            n = self._rows_per_chunk(p)
+            chunks = range((rows + n - 1) // n)
+            if isinstance(blk, DenseGrad):
+                part = sum(blk.values[:, c * n * cols : (c + 1) * n * cols] @ self.chunk(j, c).T for c in chunks)
+            elif isinstance(blk, OuterGrad):
+                part = self._outer(blk, j, n, chunks)
+            else:
+                part = self._rows(blk, j, n, cols)
+            assert isinstance(part, torch.Tensor)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def _outer(self, blk: OuterGrad, j: int, n: int, chunks: range) -> torch.Tensor:
+        b, r, _ = blk.u.shape
+        u = blk.u.reshape(b * r, -1)
+        v = blk.v.reshape(b * r, -1)
+        out = torch.zeros(b * r, self.k, device=u.device)
+        for c in chunks:
+            pc = self.chunk(j, c)
+            rows_c = pc.shape[1] // v.shape[1]
+            # (b*r, in) @ (in, k * rows_c) -> (b*r, k, rows_c), weighted by u's rows of this chunk
+            t = (v @ pc.reshape(self.k * rows_c, v.shape[1]).T).reshape(b * r, self.k, rows_c)
+            out += (t * u[:, None, c * n : c * n + rows_c]).sum(-1)
+        return out.reshape(b, r, self.k).sum(1)
+
+    def _rows(self, blk: RowsGrad, j: int, n: int, d: int) -> torch.Tensor:
+        b, r, _ = blk.values.shape
+        out = torch.zeros(b, self.k, device=blk.values.device)
+        which = blk.index // n
+        for c in torch.unique(which).tolist():
+            pc = self.chunk(j, int(c))
+            rows_c = pc.shape[1] // d
+            mask = which == c
+            local = torch.zeros(b, rows_c, d, device=out.device)
+            idx = torch.where(mask, blk.index - c * n, 0)
+            local.scatter_add_(1, idx.unsqueeze(-1).expand(b, r, d), blk.values * mask.unsqueeze(-1))
+            out += local.reshape(b, -1) @ pc.T
+        return out
+
+
+PROJECTIONS: dict[str, Callable[[ProjectionSpec, list[TrackedParam], torch.device, int], Projector]] = {
+    "sparse": SketchProjector,
+    "gaussian": GaussianProjector,
+    "none": NoProjection,
+}
+
+
+def make_projector(
+    spec: ProjectionSpec, params: list[TrackedParam], device: torch.device, memory: int = DEFAULT_MEMORY
+) -> Projector:
+    if spec.kind not in PROJECTIONS:
+        raise InputError(f"unknown projection {spec.kind!r}; choose one of {', '.join(PROJECTIONS)}")
+    if spec.kind != "none" and not 1 <= spec.dim <= 65536:
+        raise InputError(f"--dim {spec.dim} is out of range; choose 1..65536 (1024 is the default)")
+    if spec.seed < 0:
+        raise InputError(f"--seed {spec.seed} must be a non-negative integer")
+    return PROJECTIONS[spec.kind](spec, params, device, memory)

@@ -1,0 +1,120 @@
+"""TracInCP over checkpoints: the one definition build and query share.
+
+``influence(z, z') = sum_c lr_c <g_c(z), g_c(z')>``. A stored row is the concatenation over checkpoints
+of ``sqrt(lr_c) * P g_c(z)``, so one inner product of rows estimates it; :meth:`Tracer.exact` computes
+it exactly from the factored gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .gradients import GradBlock, GradientComputer, TrackedParam, concat, describe_parameters, inner, sq_norms
+from .losses import get_loss
+from .model import Checkpoint, ModelBundle
+from .projection import DEFAULT_MEMORY, ProjectionSpec, make_projector
+
+__all__ = ["Rows", "Tracer"]
+
+
+@dataclass
+class Rows:
+    """Projected rows ``(B, C*k) float32``, exact squared norms ``(B, C)``, and the blocks per checkpoint."""
+
+    rows: torch.Tensor
+    sq_norms: torch.Tensor
+    blocks: list[list[GradBlock]]
+
+
+class Tracer:
+    """Per-triple gradients, projections and exact influences of one model at its checkpoints."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        checkpoints: list[Checkpoint],
+        param_names: list[str],
+        loss: str,
+        projection: ProjectionSpec,
+        device: torch.device,
+        projection_memory: int = DEFAULT_MEMORY,
+    ) -> None:
+        self.bundle = bundle
+        self.model = bundle.model.to(device)
+        self.checkpoints = checkpoints
+        self.device = device
+        self.tracked: list[TrackedParam] = describe_parameters(self.model, param_names)
+        self.loss = get_loss(loss)
+        self.spec = projection
+        self.projector = make_projector(projection, self.tracked, device, projection_memory)
+        self.computer = GradientComputer(self.model, self.tracked, self.loss)
+        self._loaded: int | None = None
+        self._checked = False
+
+    @property
+    def width(self) -> int:
+        return self.projector.out_dim * len(self.checkpoints)
+
+    def use_checkpoint(self, c: int) -> None:
+        if self._loaded != c:
+            self.model.load_state_dict(self.checkpoints[c].state)
+            self.model.eval()
+            self._loaded = c
+
+    def gradients(self, triples: torch.Tensor, c: int) -> list[GradBlock]:
+        """Blocks of checkpoint ``c`` for raw-id triples ``(B, 3) int64``; the first call checks coverage."""
+        self.use_checkpoint(c)
+        if not self._checked:
+            self._checked = True
+            return self.computer.checked(triples)
+        return self.computer(triples)
+
+    def rows(self, triples: torch.Tensor, batch_size: int = 1024, keep_blocks: bool = False) -> Rows:
+        """Stored rows for ``(B, 3) int64`` raw-id triples, checked for NaN/inf.
+
+        Checkpoints are the outer loop, so a state is loaded once per call, not once per batch.
+        """
+        parts, norms, kept = [], [], []
+        for c, ckpt in enumerate(self.checkpoints):
+            proj, sq, blocks_c = [], [], []
+            for start in range(0, triples.shape[0], batch_size):
+                blocks = self.gradients(triples[start : start + batch_size], c)
+                proj.append(self.projector(blocks) * math.sqrt(ckpt.lr))
+                sq.append(sq_norms(blocks))
+                if keep_blocks:
+                    blocks_c.append(blocks)
+            parts.append(torch.cat(proj))
+            norms.append(torch.cat(sq))
+            if keep_blocks:
+                kept.append(concat(blocks_c))
+        rows = torch.cat(parts, dim=1)
+        sq_all = torch.stack(norms, dim=1)
+        bad = ~(torch.isfinite(rows).all(dim=1) & torch.isfinite(sq_all).all(dim=1))
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise InputError(
+                f"the gradient of triple {triples[i].tolist()} is NaN or infinite; the model (or a checkpoint) "
+                "has diverged: index a healthy checkpoint"
+            )
+        return Rows(rows=rows, sq_norms=sq_all, blocks=kept)
+
+    def self_influence(self, sq: torch.Tensor) -> torch.Tensor:
+        """``sum_c lr_c ||g_c||^2`` from squared norms ``(B, C)``."""
+        lrs = torch.tensor([c.lr for c in self.checkpoints], dtype=sq.dtype, device=sq.device)
+        return sq @ lrs
+
+    def exact(self, test_blocks: list[list[GradBlock]], train: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Exact TracIn ``(M, len(train)) float32`` between tests (blocks per checkpoint) and train triples."""
+        total: torch.Tensor | None = None
+        for c, ckpt in enumerate(self.checkpoints):
+            part = torch.cat(
+                [inner(test_blocks[c], self.gradients(train[s : s + batch_size], c)) for s in range(0, len(train), batch_size)],
+                dim=1,
+            ) * ckpt.lr
+            total = part if total is None else total + part
+        assert total is not None
+        return total
