@@ -1,0 +1,83 @@
+"""Exact mode and exact re-rank equal the per-pair autograd loop (the earlier tool's method)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model, open_index
+from tracin_index.model import select_parameters
+
+from .conftest import Trained, reference_gradients
+
+CASES = [
+    ("conve_inverse", "last:2", "bce"),
+    ("conve_inverse", "all", "bce"),
+    ("conve_plain", "last:2", "bce"),
+    ("conve_plain", "all", "score"),
+    ("conve_inverse", "last:2", "ce"),
+    ("distmult_inverse", "all", "bce"),
+    ("distmult_plain", "all", "bce"),
+]
+
+
+@pytest.mark.parametrize(("fixture", "layers", "loss"), CASES)
+def test_exact_mode_equals_autograd_loop(fixture: str, layers: str, loss: str, request: pytest.FixtureRequest,
+                                         tmp_path: Path) -> None:
+    trained: Trained = request.getfixturevalue(fixture)
+    bundle = load_model(trained.directory)
+    out = tmp_path / "idx"
+    config = BuildConfig(layers=layers, loss=loss, projection=ProjectionSpec("none"), batch_size=97, unit_rows=500)
+    store = build_index(bundle, out, checkpoints=trained.checkpoints, config=config)
+
+    names = select_parameters(bundle.model, layers, bundle.triples.mapped[:2])
+    states = [torch.load(p, weights_only=True) for p, _ in trained.checkpoints]
+    lrs = [lr for _, lr in trained.checkpoints]
+    rng = np.random.default_rng(0)
+    train_idx = torch.from_numpy(np.sort(rng.choice(bundle.triples.mapped.shape[0], 40, replace=False)))
+    test = trained.testing[:3]
+    ref_train = reference_gradients(bundle.model, states, names, bundle.triples.mapped[train_idx], loss)
+    ref_test = reference_gradients(bundle.model, states, names, test, loss)
+    expected = sum(lr * (gt @ gr.T) for lr, gt, gr in zip(lrs, ref_test, ref_train, strict=True))
+    assert isinstance(expected, torch.Tensor)
+    scale = expected.abs().max()
+
+    # 1. the stored rows (sqrt(lr)-scaled exact gradients) give TracInCP by one inner product
+    index = open_index(out)
+    q, _ = index.test_rows(test)
+    stored = torch.from_numpy(np.asarray(store.array("grads")[train_idx.numpy()], dtype=np.float32))
+    assert torch.allclose(torch.from_numpy(q) @ stored.T, expected, rtol=1e-4, atol=1e-4 * scale)
+    # 2. the exact path used by re-ranking
+    assert torch.allclose(index.exact_influence(test, train_idx), expected, rtol=1e-4, atol=1e-4 * scale)
+    # 3. stored exact self-influence and per-checkpoint norms
+    self_ref = sum(lr * (g * g).sum(1) for lr, g in zip(lrs, ref_train, strict=True))
+    assert isinstance(self_ref, torch.Tensor)
+    self_stored = torch.from_numpy(np.asarray(store.array("self_influence")[train_idx.numpy()]))
+    assert torch.allclose(self_stored, self_ref, rtol=1e-4, atol=1e-6)
+    norms = torch.from_numpy(np.asarray(store.array("norms")[train_idx.numpy()]))
+    assert torch.allclose(norms[:, 1], ref_train[1].norm(dim=1), rtol=1e-4, atol=1e-6)
+
+
+def test_query_values_are_exact_and_ranked(conve_inverse: Trained, tmp_path: Path) -> None:
+    """Every reported influence equals brute force, proponents are the exact top-k (positive), opponents the bottom-k."""
+    bundle = load_model(conve_inverse.directory)
+    out = tmp_path / "idx"
+    build_index(bundle, out, checkpoints=conve_inverse.checkpoints,
+                config=BuildConfig(projection=ProjectionSpec("none"), unit_rows=700))
+    index = open_index(out)
+    test = conve_inverse.testing[:4]
+    full = index.exact_influence(test)  # (4, N) brute force over every training triple
+    results = index.query(test, k=10, candidates=index.num_train)
+    for m, res in enumerate(results):
+        order = torch.argsort(full[m], descending=True)
+        top = [int(i) for i in order[:10] if full[m, i] > 0]
+        bottom = [int(i) for i in torch.argsort(full[m])[:10] if full[m, i] < 0]
+        assert [p.train_index for p in res.proponents] == top
+        assert [o.train_index for o in res.opponents] == bottom
+        for item in res.proponents + res.opponents:
+            assert item.influence == pytest.approx(float(full[m, item.train_index]), rel=1e-5, abs=1e-9)
+        h, r, t = index._labels(index.triples[res.proponents[0].train_index])
+        assert (res.proponents[0].head, res.proponents[0].relation, res.proponents[0].tail) == (h, r, t)
