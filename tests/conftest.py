@@ -133,6 +133,7 @@ def reference_gradients(model: Any, states: list[dict[str, torch.Tensor]], names
             else:
                 value = -m.score_hrt(batch).sum()
             grads = torch.autograd.grad(value, tracked, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, tracked)]))
+            flat = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, tracked, strict=True)]
+            rows.append(torch.cat(flat))
         out.append(torch.stack(rows).detach())
     return out

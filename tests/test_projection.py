@@ -117,7 +117,7 @@ def test_build_is_deterministic(conve_inverse: Trained, kind: str, tmp_path: Pat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_projection_matrix_is_device_independent(conve_inverse: Trained) -> None:
-    tracked, blocks = _blocks(conve_inverse, "last:2")
+    tracked, _ = _blocks(conve_inverse, "last:2")
     coords = torch.arange(100_000)
     assert torch.equal(hash64(_key(1, 2, 3), coords), hash64(_key(1, 2, 3), coords.cuda()).cpu())
     cpu = GaussianProjector(ProjectionSpec("gaussian", 64, 1), tracked, torch.device("cpu"), 1 << 26)
