@@ -69,6 +69,7 @@ class Store:
         attrs: dict[str, Any],
     ) -> Store:
         n = int(triples.shape[0])
+        unit_rows = max(1, min(unit_rows, n))  # Zarr writes whole chunks: no padding beyond the data
         group = zarr.open_group(str(path), mode="w-", zarr_format=3)
         units = (n + unit_rows - 1) // unit_rows
         group.create_array("grads", shape=(n, width), chunks=(unit_rows, width), dtype=dtype, **_codecs())
