@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .errors import IndexMismatchError, InputError
+from .gradients import select
 from .model import (
     Checkpoint,
     ModelBundle,
@@ -149,8 +150,8 @@ class TracinIndex:
             ids_p, ids_o = i_pro[m][i_pro[m] >= 0], i_opp[m][i_opp[m] >= 0]
             if rerank:
                 union = np.unique(np.concatenate([ids_p, ids_o]))
-                exact = self.tracer.exact([[b for b in self._select(bl, m)] for bl in blocks],
-                                          self.triples[torch.from_numpy(union)])[0].cpu().numpy()
+                mine = [select(per_ckpt, torch.tensor([m])) for per_ckpt in blocks]
+                exact = self.tracer.exact(mine, self.triples[torch.from_numpy(union)])[0].cpu().numpy()
                 scores = dict(zip(union.tolist(), exact.tolist(), strict=True))
                 pro = sorted(((scores[i], i) for i in ids_p.tolist()), key=lambda x: (-x[0], x[1]))
                 opp = sorted(((scores[i], i) for i in ids_o.tolist()), key=lambda x: (x[0], x[1]))
@@ -159,12 +160,6 @@ class TracinIndex:
                 opp = list(zip((-s_opp[m][: len(ids_o)]).tolist(), ids_o.tolist(), strict=True))
             results.append(self._result(test[m], [p for p in pro if p[0] > 0][:k], [o for o in opp if o[0] < 0][:k], rerank))
         return results
-
-    @staticmethod
-    def _select(blocks: list[Any], m: int) -> list[Any]:
-        from .gradients import select
-
-        return select(blocks, torch.tensor([m]))
 
     def _labels(self, ids: Any) -> tuple[str, str, str]:
         h, r, t = (int(x) for x in ids)
