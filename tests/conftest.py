@@ -137,3 +137,10 @@ def reference_gradients(model: Any, states: list[dict[str, torch.Tensor]], names
             rows.append(torch.cat(flat))
         out.append(torch.stack(rows).detach())
     return out
+
+
+def exact_ends(influence: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
+    """Brute force for one test row ``(N,)``: the top-``k`` positive and bottom-``k`` negative train indices."""
+    top = [int(i) for i in torch.argsort(influence, descending=True)[:k] if influence[i] > 0]
+    bottom = [int(i) for i in torch.argsort(influence)[:k] if influence[i] < 0]
+    return top, bottom

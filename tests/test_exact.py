@@ -11,7 +11,7 @@ import torch
 from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model, open_index
 from tracin_index.model import select_parameters
 
-from .conftest import Trained, reference_gradients
+from .conftest import Trained, exact_ends, reference_gradients
 
 CASES = [
     ("conve_inverse", "last:2", "bce"),
@@ -72,9 +72,7 @@ def test_query_values_are_exact_and_ranked(conve_inverse: Trained, tmp_path: Pat
     full = index.exact_influence(test)  # (4, N) brute force over every training triple
     results = index.query(test, k=10, candidates=index.num_train)
     for m, res in enumerate(results):
-        order = torch.argsort(full[m], descending=True)
-        top = [int(i) for i in order[:10] if full[m, i] > 0]
-        bottom = [int(i) for i in torch.argsort(full[m])[:10] if full[m, i] < 0]
+        top, bottom = exact_ends(full[m], 10)
         assert [p.train_index for p in res.proponents] == top
         assert [o.train_index for o in res.opponents] == bottom
         for item in res.proponents + res.opponents:

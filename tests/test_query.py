@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from tracin_index import BuildConfig, IndexMismatchError, ProjectionSpec, build_index, load_model, open_index
 from tracin_index.cli import main
 
-from .conftest import Trained
+from .conftest import Trained, exact_ends
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,7 @@ def test_default_settings_recover_exact_top10(conve_demo: Trained, demo_index: P
     results = index.query(test, k=10)
     pro_hits, opp_hits = [], []
     for m, res in enumerate(results):
-        top = [int(i) for i in torch.argsort(full[m], descending=True)[:10] if full[m, i] > 0]
-        bottom = [int(i) for i in torch.argsort(full[m])[:10] if full[m, i] < 0]
+        top, bottom = exact_ends(full[m], 10)
         pro_hits.append([p.train_index for p in res.proponents] == top)
         opp_hits.append([o.train_index for o in res.opponents] == bottom)
     pro, opp = float(np.mean(pro_hits)), float(np.mean(opp_hits))
