@@ -70,7 +70,7 @@ def test_query_values_are_exact_and_ranked(conve_inverse: Trained, tmp_path: Pat
     index = open_index(out)
     test = conve_inverse.testing[:4]
     full = index.exact_influence(test)  # (4, N) brute force over every training triple
-    results = index.query(test, k=10, candidates=index.num_train)
+    results = index.query(test, k=10, candidates=index.num_rows)
     for m, res in enumerate(results):
         top, bottom = exact_ends(full[m], 10)
         assert [p.train_index for p in res.proponents] == top

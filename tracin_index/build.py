@@ -22,7 +22,9 @@ from .search import build_flat_index, save_index
 from .store import Store, publish
 from .tracer import Tracer
 
-__all__ = ["BuildConfig", "build_index", "software_versions"]
+__all__ = ["BuildConfig", "build_index", "sample_rows", "software_versions"]
+
+STRATIFY = ("relation", "none")
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,15 @@ class BuildConfig:
     unit_rows: int = 8192
     device: str | None = "cpu"
     projection_memory: int = DEFAULT_MEMORY
+    sample_rate: float = 1.0
+    stratify: str = "relation"
+    sample_seed: int = 0
 
     def check(self) -> None:
+        if not (0.0 < self.sample_rate <= 1.0):
+            raise InputError(f"--sample-rate {self.sample_rate} is out of range; choose a fraction in (0, 1]")
+        if self.stratify not in STRATIFY:
+            raise InputError(f"--stratify {self.stratify!r} is unknown; choose one of {', '.join(STRATIFY)}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size {self.batch_size} must be at least 1")
         if self.unit_rows < 1:
@@ -53,6 +62,27 @@ def software_versions() -> dict[str, str]:
 
     return {"tracin_index": __version__, "torch": torch.__version__, "pykeen": pykeen.get_version(),
             "zarr": zarr.__version__, "faiss": faiss.__version__, "numpy": np.__version__}
+
+
+def sample_rows(triples: torch.Tensor, rate: float, stratify: str = "relation", seed: int = 0) -> np.ndarray:
+    """Sorted positions ``(n,) int64`` of a seeded sample of ``triples`` ``(N, 3)``.
+
+    ``stratify="relation"`` takes ``max(1, round(rate * n_r))`` triples of every relation ``r`` (each
+    relation stays represented); ``"none"`` takes ``max(1, round(rate * N))`` uniformly. ``rate=1``
+    keeps every triple. The same (triples, rate, stratify, seed) always give the same sample.
+    """
+    n = int(triples.shape[0])
+    if rate >= 1.0:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if stratify == "none":
+        return np.sort(rng.choice(n, size=max(1, round(rate * n)), replace=False)).astype(np.int64)
+    rel = triples[:, 1].numpy()
+    picked = []
+    for r in np.unique(rel):
+        members = np.flatnonzero(rel == r)
+        picked.append(rng.choice(members, size=max(1, round(rate * len(members))), replace=False))
+    return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
 def _check_out(out: Path, bundle: ModelBundle, checkpoints: list[tuple[str, float]]) -> None:
@@ -90,8 +120,12 @@ def build_index(
         raise StoreError(f"{out} already exists; pass --overwrite to replace it")
     device = resolve_device(config.device)
     ckpts = load_checkpoints(bundle.model, checkpoints)
-    triples = bundle.triples.mapped
-    names = select_parameters(bundle.model, config.layers, triples[:2])
+    all_triples = bundle.triples.mapped
+    if all_triples.shape[0] == 0:
+        raise InputError("the training set is empty; nothing to index (check --triples / the model directory)")
+    names = select_parameters(bundle.model, config.layers, all_triples[:2])
+    keep = sample_rows(all_triples, config.sample_rate, config.stratify, config.sample_seed)
+    triples = all_triples[torch.from_numpy(keep)]
     tracer = Tracer(bundle, ckpts, names, config.loss, config.projection, device, config.projection_memory)
     dtype = "float32" if config.projection.kind == "none" else "float16"
 
@@ -100,7 +134,9 @@ def build_index(
         "model_class": type(bundle.model).__name__,
         "inverse_triples": bool(getattr(bundle.model, "use_inverse_triples", False)),
         "checkpoints": [{"name": c.name, "lr": c.lr, "sha256": c.fingerprint} for c in ckpts],
-        "triples_sha256": triples_fingerprint(triples),
+        "triples_sha256": triples_fingerprint(all_triples),
+        "num_train": int(all_triples.shape[0]),
+        "sample": {"rate": config.sample_rate, "stratify": config.stratify, "seed": config.sample_seed},
         "layers": config.layers,
         "tracked": [{"name": p.name, "kind": p.kind, "shape": list(p.shape)} for p in tracer.tracked],
         "loss": config.loss,
@@ -114,7 +150,7 @@ def build_index(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         store = Store.create(
-            staging, triples=triples.numpy(), entity_labels=bundle.triples.entity_labels,
+            staging, triples=triples.numpy(), train_index=keep, entity_labels=bundle.triples.entity_labels,
             relation_labels=bundle.triples.relation_labels, width=tracer.width,
             num_checkpoints=len(ckpts), unit_rows=config.unit_rows, dtype=dtype, attrs=attrs,
         )

@@ -6,12 +6,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from .errors import TracinError
 
@@ -64,6 +66,8 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--checkpoint", "checkpoint", type=PATH, multiple=True,
                      help="A model state to trace (repeatable, with one --lr each)."),
         click.option("--lr", "lr", type=float, multiple=True, help="Learning rate in force at the matching --checkpoint."),
+        click.option("--checkpoints", "checkpoint_dir", type=PATH, default=None,
+                     help="A directory of checkpoints (TracinCheckpoint files, pykeen checkpoints): all of them, by epoch."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -85,12 +89,17 @@ def _load(model: Path, model_class: str | None, model_kwargs: str | None, invers
                       entity_to_id=entity_to_id, relation_to_id=relation_to_id, inverse_triples=inverse_triples)
 
 
-def _checkpoints(paths: tuple[Path, ...], lrs: tuple[float, ...]) -> list[tuple[str, float]]:
+def _checkpoints(paths: tuple[Path, ...], lrs: tuple[float, ...], directory: Path | None = None) -> list[tuple[str, float]]:
     from .errors import InputError
 
     if len(paths) != len(lrs):
         raise InputError(f"give one --lr per --checkpoint ({len(paths)} checkpoints, {len(lrs)} learning rates)")
-    return [(str(p), lr) for p, lr in zip(paths, lrs, strict=True)]
+    specs = [(str(p), lr) for p, lr in zip(paths, lrs, strict=True)]
+    if directory is not None:
+        from .callbacks import find_checkpoints
+
+        specs += find_checkpoints(directory)
+    return specs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,16 +121,21 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Projection seed.")
 @click.option("--batch-size", type=int, default=1024, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--sample-rate", type=float, default=1.0, show_default=True,
+              help="Index only this fraction of the training triples (fast exploration); the store records which.")
+@click.option("--stratify", type=click.Choice(["relation", "none"]), default="relation", show_default=True,
+              help="relation: sample each relation at --sample-rate (every relation kept); none: uniformly.")
+@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the sample.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index at --out.")
 @_threads_option
 @_user_errors
 def build(model: Path, model_class: str | None, model_kwargs: str | None, inverse_triples: bool | None,
           triples: Path | None, entity_to_id: Path | None, relation_to_id: Path | None,
-          checkpoint: tuple[Path, ...], lr: tuple[float, ...], out: Path, layers: str, loss: str,
-          projection: str, dim: int, seed: int, batch_size: int, device: str, overwrite: bool,
-          threads: int | None) -> None:
+          checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: Path, layers: str,
+          loss: str, projection: str, dim: int, seed: int, batch_size: int, device: str, sample_rate: float,
+          stratify: str, sample_seed: int, overwrite: bool, threads: int | None) -> None:
     """Index the gradients of every training triple of MODEL."""
-    from .build import BuildConfig, build_index
+    from .build import BuildConfig
     from .projection import ProjectionSpec
     from .runtime import configure_threads
 
@@ -129,68 +143,387 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
     started = time.perf_counter()
     bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
     config = BuildConfig(layers=layers, loss=loss, projection=ProjectionSpec(projection, dim, seed),
-                         batch_size=batch_size, device=device)
-    n = int(bundle.triples.mapped.shape[0])
-    with click.progressbar(length=n, label="indexing", file=sys.stderr) as bar:
-        done = [0]
+                         batch_size=batch_size, device=device, sample_rate=sample_rate, stratify=stratify,
+                         sample_seed=sample_seed)
+    specs = _checkpoints(checkpoint, lr, checkpoint_dir)
+    _build(bundle, out, specs, config, overwrite, started)
 
-        def progress(rows: int, _total: int) -> None:
-            bar.update(rows - done[0])
-            done[0] = rows
 
-        store = build_index(bundle, out, checkpoints=_checkpoints(checkpoint, lr), config=config,
-                            overwrite=overwrite, progress=progress)
+def _build(bundle: Any, out: Path, specs: list[tuple[str, float]], config: Any, overwrite: bool, started: float) -> None:
+    from .build import build_index, sample_rows
+
+    config.check()
+    n = len(sample_rows(bundle.triples.mapped, config.sample_rate, config.stratify, config.sample_seed))
+    with _bar(n, "indexing") as progress:
+        store = build_index(bundle, out, checkpoints=specs, config=config, overwrite=overwrite, progress=progress)
     attrs = store.attrs
-    click.echo(f"indexed {n:,} training triples x {len(attrs['checkpoints'])} checkpoint(s) into {out} "
+    total = attrs["num_train"]
+    sampled = "" if n == total else f" (a {config.stratify}-stratified sample of {total:,})"
+    click.echo(f"indexed {n:,} training triples{sampled} x {len(attrs['checkpoints'])} checkpoint(s) into {out} "
                f"({attrs['width']} numbers per row, {time.perf_counter() - started:.1f} s)")
+
+
+def _format_items(title: str, items: list[Any], exact: bool) -> list[str]:
+    lines = [f"  {title}{'' if exact else ' (projected)'}:"]
+    if not items:
+        lines.append("    (none)")
+    width = max((len(f"{i.head}  {i.relation}  {i.tail}") for i in items), default=0)
+    for i in items:
+        triple = f"{i.head}  {i.relation}  {i.tail}"
+        lines.append(f"    {i.rank:>3}  {triple:<{width}}  {i.influence:+.6g}  (#{i.train_index})")
+    return lines
 
 
 def _format_table(result: Any) -> str:
     t = result.test
-    lines = [f"test: {t['head']}  {t['relation']}  {t['tail']}"]
-    for title, items in (("proponents", result.proponents), ("opponents", result.opponents)):
-        lines.append(f"  {title}{'' if result.exact else ' (projected)'}:")
-        if not items:
-            lines.append("    (none)")
-        width = max((len(f"{i.head}  {i.relation}  {i.tail}") for i in items), default=0)
-        for i in items:
-            triple = f"{i.head}  {i.relation}  {i.tail}"
-            lines.append(f"    {i.rank:>3}  {triple:<{width}}  {i.influence:+.6g}  (#{i.train_index})")
+    mode = "" if result.mode == "dot" else f"  [{result.mode}]"
+    lines = [f"test: {t['head']}  {t['relation']}  {t['tail']}{mode}"]
+    if result.mode == "abs":
+        lines += _format_items("largest |influence|", result.top, result.exact)
+    else:
+        lines += _format_items("proponents", result.proponents, result.exact)
+        lines += _format_items("opponents", result.opponents, result.exact)
     return "\n".join(lines)
+
+
+def _format_aggregate(result: Any) -> str:
+    lines = [f"influence summed over {result.num_test:,} test triples"
+             + ("" if result.mode == "dot" else f"  [{result.mode}]")]
+    if result.mode == "abs":
+        lines += _format_items("largest |influence|", result.top, result.exact)
+    else:
+        lines += _format_items("proponents", result.proponents, result.exact)
+        lines += _format_items("opponents", result.opponents, result.exact)
+    return "\n".join(lines)
+
+
+def _index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that re-point an index at its model (paths moved) and assert its settings."""
+    options = [
+        click.option("--model", "model", type=PATH, default=None, help="Model to use instead of the recorded one (must match)."),
+        click.option("--checkpoint", "checkpoint", type=PATH, multiple=True, help="Checkpoints instead of the recorded ones."),
+        click.option("--lr", "lr", type=float, multiple=True, help="Learning rate of the matching --checkpoint."),
+        click.option("--layers", default=None, help="Refuse unless the index tracks these layers."),
+        click.option("--loss", default=None, help="Refuse unless the index used this loss."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda (test gradients and re-rank)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _ranking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--top-k", type=int, default=10, show_default=True, help="Training triples listed per end."),
+        click.option("--mode", type=click.Choice(MODE_CHOICES), default="dot", show_default=True,
+                     help="dot: raw TracIn; cosine: lr-weighted mean of cos(g_c, g'_c) over checkpoints (norms do not dominate); "
+                          "abs: largest |influence| in one list (the earlier tool's ranking)."),
+        click.option("--relation", "relation", multiple=True,
+                     help="Only training triples with this relation (repeatable); applied before the top-K cut."),
+        click.option("--neighbourhood", "--neighborhood", "neighbourhood", is_flag=True,
+                     help="Only training triples sharing an entity with the test triple; before the top-K cut."),
+        click.option("--candidates", type=int, default=None,
+                     help="Candidates re-ranked exactly per end (default: 10k and 50k, at least 100 and 500)."),
+        click.option("--opponent-candidates", type=int, default=None, help="Candidates for the opponent end only."),
+        click.option("--no-rerank", is_flag=True, help="Report projected influences without the exact re-rank."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+MODE_CHOICES = ("dot", "cosine", "abs")
+
+
+def _open(index: Path, model: Path | None, checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None,
+          loss: str | None, device: str) -> Any:
+    from .query import open_index
+
+    return open_index(index, model=model, checkpoints=_checkpoints(checkpoint, lr) if checkpoint or lr else None,
+                      layers=layers, loss=loss, device=device)
 
 
 @main.command()
 @click.argument("index", type=PATH)
 @click.option("--triple", "triple", multiple=True, required=True, help='"head relation tail" labels (repeatable).')
-@click.option("--top-k", type=int, default=10, show_default=True)
-@click.option("--candidates", type=int, default=None,
-              help="FAISS candidates per end to re-rank (default: 10k / 50k, at least 100 / 500).")
-@click.option("--no-rerank", is_flag=True, help="Report projected influences without exact re-ranking.")
+@_ranking_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--model", "model", type=PATH, default=None, help="Model to use instead of the recorded one (must match).")
-@click.option("--checkpoint", "checkpoint", type=PATH, multiple=True, help="Checkpoints instead of the recorded ones.")
-@click.option("--lr", "lr", type=float, multiple=True)
-@click.option("--layers", default=None, help="Refuse unless the index tracks these layers.")
-@click.option("--loss", default=None, help="Refuse unless the index used this loss.")
-@click.option("--device", default="cpu", show_default=True)
+@_index_options
 @_threads_option
 @_user_errors
-def query(index: Path, triple: tuple[str, ...], top_k: int, candidates: int | None, no_rerank: bool,
-          as_json: bool, model: Path | None, checkpoint: tuple[Path, ...], lr: tuple[float, ...],
-          layers: str | None, loss: str | None, device: str, threads: int | None) -> None:
+def query(index: Path, triple: tuple[str, ...], top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
+          candidates: int | None, opponent_candidates: int | None, no_rerank: bool, as_json: bool, model: Path | None,
+          checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None, loss: str | None, device: str,
+          threads: int | None) -> None:
     """Top proponents and opponents of test triples in INDEX."""
-    from .query import open_index
     from .runtime import configure_threads
 
     configure_threads(threads)
-    idx = open_index(index, model=model, checkpoints=_checkpoints(checkpoint, lr) if checkpoint or lr else None,
-                     layers=layers, loss=loss, device=device)
-    results = idx.query(list(triple), k=top_k, candidates=candidates, rerank=not no_rerank)
+    idx = _open(index, model, checkpoint, lr, layers, loss, device)
+    results = idx.query(list(triple), k=top_k, mode=mode, relations=list(relation) or None, neighbourhood=neighbourhood,
+                        candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank)
     if as_json:
         payload = [r.to_dict() for r in results]
         click.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
     else:
         click.echo("\n\n".join(_format_table(r) for r in results))
+
+
+def _parse_indices(text: str | None, n: int) -> Any:
+    """``"0,3,5-9"`` to sorted unique positions within ``0..n-1``."""
+    import numpy as np
+
+    from .errors import InputError
+
+    if not text:
+        return None
+    out: set[int] = set()
+    for part in text.replace(" ", ",").split(","):
+        if not part:
+            continue
+        try:
+            lo, _, hi = part.partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise InputError(f"--test-indices {text!r}: {part!r} is not an index or a range like 5-9") from None
+        if not (0 <= a <= b < n):
+            raise InputError(f"--test-indices {part}: out of range; the test set has {n} triples (0..{n - 1})")
+        out.update(range(a, b + 1))
+    return np.array(sorted(out), dtype=np.int64)
+
+
+@contextmanager
+def _bar(length: int, label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr fed with ``(done, total)`` calls."""
+    with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+        seen = [0]
+
+        def progress(done: int, _total: int) -> None:
+            bar.update(done - seen[0])
+            seen[0] = done
+
+        yield progress
+
+
+@main.command()
+@click.argument("index", type=PATH)
+@click.option("--test", "test", required=True,
+              help="Test triples: a label TSV, a pykeen triples directory, or pykeen:DATASET[:SPLIT] (e.g. pykeen:nations).")
+@click.option("--out", type=PATH, required=True, help="Results file: .parquet or .jsonl (the extension picks).")
+@_ranking_options
+@click.option("--aggregate", is_flag=True, help="Rank training triples by influence summed over the whole test set.")
+@click.option("--test-indices", default=None, help="Score only these test positions (e.g. 0,5,10-20).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Test triples per batch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@_index_options
+@_threads_option
+@_user_errors
+def score(index: Path, test: str, out: Path, top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
+          candidates: int | None, opponent_candidates: int | None, no_rerank: bool, aggregate: bool,
+          test_indices: str | None, batch_size: int, overwrite: bool, model: Path | None, checkpoint: tuple[Path, ...],
+          lr: tuple[float, ...], layers: str | None, loss: str | None, device: str, threads: int | None) -> None:
+    """Score a whole test set against INDEX into a results file (restartable: run it again after a kill)."""
+    from .errors import InputError
+    from .query import TRAIN_COLUMNS
+    from .results import output_format, write_records, write_scores
+    from .runtime import configure_threads
+
+    configure_threads(threads)
+    output_format(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    started = time.perf_counter()
+    idx = _open(index, model, checkpoint, lr, layers, loss, device)
+    triples = idx.parse(test if ":" in test and not Path(test).exists() else Path(test))
+    positions = _parse_indices(test_indices, len(triples))
+    if positions is not None:
+        triples = triples[positions]
+    if aggregate:
+        if neighbourhood:
+            raise InputError("--neighbourhood applies per test triple; it cannot be combined with --aggregate")
+        with _bar(2 * len(triples) if not no_rerank else len(triples), "scoring") as progress:
+            result = idx.aggregate(triples, k=top_k, mode=mode, relations=list(relation) or None, candidates=candidates,
+                                   opponent_candidates=opponent_candidates, rerank=not no_rerank, progress=progress)
+        write_records(result.records(), ["mode", *TRAIN_COLUMNS], out, overwrite=overwrite)
+        click.echo(_format_aggregate(result))
+        click.echo(f"wrote the aggregate ranking of {len(triples):,} test triples to {out} "
+                   f"({time.perf_counter() - started:.1f} s)")
+        return
+    settings = idx.settings(top_k, mode=mode, relations=list(relation) or None, neighbourhood=neighbourhood,
+                            candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank)
+    with _bar(len(triples), "scoring") as progress:
+        write_scores(idx, triples, out, settings, batch_size=batch_size, test_index=positions, overwrite=overwrite,
+                     progress=progress, log=lambda msg: click.echo(msg, err=True))
+    click.echo(f"scored {len(triples):,} test triples into {out} ({time.perf_counter() - started:.1f} s)")
+
+
+@main.command("self-influence")
+@click.argument("index", type=PATH)
+@click.option("--top", type=int, default=20, show_default=True, help="How many training triples to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--out", type=PATH, default=None, help="Also write the ranking (all rows unless --top) to .parquet/.jsonl.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@_user_errors
+def self_influence(index: Path, top: int, as_json: bool, out: Path | None, overwrite: bool) -> None:
+    """Training triples of INDEX ranked by exact self-influence (suspicious or hard triples first)."""
+    from dataclasses import asdict
+
+    from .query import self_influence_ranking
+    from .results import write_records
+
+    ranking = self_influence_ranking(index, top)
+    if out is not None:
+        write_records([{"kind": "self", **asdict(i)} for i in ranking], ["kind", "rank", "train_index", "head",
+                      "relation", "tail", "head_id", "relation_id", "tail_id", "influence"], out, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps([asdict(i) for i in ranking], indent=2))
+    else:
+        lines = _format_items("largest self-influence", list(ranking), True)
+        click.echo("\n".join(lines[1:]))
+
+
+class _ArgparseStyle(click.Command):
+    """Also takes argparse's ``nargs='+'`` spelling of list options: ``--opt a b c`` means ``--opt a,b,c``."""
+
+    greedy = ("--last-layer-names", "--test-indices")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            out.append(args[i])
+            i += 1
+            if out[-1] in self.greedy:
+                values = []
+                while i < len(args) and not args[i].startswith("-"):
+                    values.append(args[i])
+                    i += 1
+                if values:
+                    out.append(",".join(values))
+        return super().parse_args(ctx, out)
+
+
+def _run_layers(use_last_layers_only: bool, num_last_layers: int | None, last_layer_names: str | None) -> str:
+    if last_layer_names:
+        return ",".join(n for n in last_layer_names.split(",") if n)
+    if num_last_layers is not None:
+        return f"last:{num_last_layers}"
+    return "last:2" if use_last_layers_only else "all"
+
+
+@main.command(cls=_ArgparseStyle)
+@click.option("--model-path", type=PATH, required=True, help="The trained model (torch.save file, state dict or pykeen run dir).")
+@click.option("--train", type=PATH, default=None, help="Training triples, label TSV (with --entity-to-id/--relation-to-id).")
+@click.option("--test", "test", required=True, help="Test triples: label TSV, pykeen triples directory or pykeen:DATASET.")
+@click.option("--entity-to-id", type=PATH, default=None, help="Entity label/id TSV the model was trained with.")
+@click.option("--relation-to-id", type=PATH, default=None, help="Relation label/id TSV the model was trained with.")
+@click.option("--output", type=PATH, required=True, help="Results file: .json, .jsonl or .parquet.")
+@click.option("--test-indices", default=None, help="Test positions to explain (e.g. '0 3 5' or 0,3,5-9; default: all).")
+@click.option("--use-last-layers-only", is_flag=True, help="Track the last 2 layers (default: all parameters).")
+@click.option("--num-last-layers", type=int, default=None, help="Track the last N layers in forward order.")
+@click.option("--last-layer-names", default=None, help="Track these parameter or module names ('a b' or a,b).")
+@click.option("--learning-rate", type=float, default=None, help="Learning rate the influences are scaled by (default 1).")
+@click.option("--mode", "run_mode", type=click.Choice(["single", "batch", "all", "self"]), default="single",
+              show_default=True, help="single/batch/all: explain the test triples; self: rank by self-influence.")
+@click.option("--score-mode", type=click.Choice(MODE_CHOICES), default="dot", show_default=True,
+              help="dot, cosine, or abs (the earlier tool's ranking by |influence|).")
+@click.option("--top-k", type=int, default=10, show_default=True)
+@click.option("--model-class", default=None, help="pykeen model name when --model-path is a state dict.")
+@click.option("--model-kwargs", default=None, help="JSON keyword arguments for --model-class.")
+@click.option("--inverse-triples/--no-inverse-triples", default=None, help="With --model-class: trained with inverse triples.")
+@click.option("--checkpoints", "checkpoint_dir", type=PATH, default=None, help="A directory of checkpoints (TracInCP).")
+@click.option("--loss", default="bce", show_default=True, help="Per-triple loss: bce, ce or score.")
+@click.option("--projection", default="sparse", show_default=True, help="sparse, gaussian or none.")
+@click.option("--dim", type=int, default=1024, show_default=True, help="Projected dimension k per checkpoint.")
+@click.option("--index", "index", type=PATH, default=None,
+              help="Keep the index here (built if missing, reused if it matches); default: a temporary one.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+@_threads_option
+@_user_errors
+def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | None, relation_to_id: Path | None,
+        output: Path, test_indices: str | None, use_last_layers_only: bool, num_last_layers: int | None,
+        last_layer_names: str | None, learning_rate: float | None, run_mode: str, score_mode: str, top_k: int,
+        model_class: str | None, model_kwargs: str | None, inverse_triples: bool | None, checkpoint_dir: Path | None,
+        loss: str, projection: str, dim: int, index: Path | None, device: str, overwrite: bool,
+        threads: int | None) -> None:
+    """One shot, with the earlier run_tracin.py's options: model and triples in, results file out.
+
+    Builds a temporary index (or reuses --index), then explains the test triples (or ranks the
+    training triples by self-influence with --mode self).
+    """
+    import shutil
+    import tempfile
+    from dataclasses import asdict
+
+    from .build import BuildConfig
+    from .errors import InputError
+    from .projection import ProjectionSpec
+    from .query import open_index
+    from .results import write_records, write_scores
+    from .runtime import configure_threads
+
+    configure_threads(threads)
+    started = time.perf_counter()
+    suffix = output.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".parquet"):
+        raise InputError(f"--output {output}: the extension picks the format; use .json, .jsonl or .parquet")
+    if output.exists() and not overwrite:
+        raise InputError(f"{output} already exists; pass --overwrite to replace it")
+    if learning_rate is not None and checkpoint_dir is not None:
+        raise InputError("give either --learning-rate (the model itself) or --checkpoints DIR, not both")
+    bundle = _load(model_path, model_class, model_kwargs, inverse_triples, train, entity_to_id, relation_to_id)
+    specs = _checkpoints((), (), checkpoint_dir)
+    if learning_rate is not None:
+        specs = [(str(model_path), learning_rate)]
+    layers = _run_layers(use_last_layers_only, num_last_layers, last_layer_names)
+    config = BuildConfig(layers=layers, loss=loss, projection=ProjectionSpec(projection, dim, 0), device=device)
+    tmp = None
+    if index is None:
+        tmp = Path(tempfile.mkdtemp(prefix="tracin-run-"))
+        index = tmp / "index"
+    try:
+        if not (index / "zarr.json").exists():
+            _build(bundle, index, specs, config, False, started)
+        idx = open_index(index, model=bundle, checkpoints=specs, layers=layers, loss=loss,
+                         projection=config.projection, device=device)
+        if run_mode == "self":
+            ranking = idx.self_influence(min(top_k, idx.num_rows))
+            records = [{"kind": "self", **asdict(i)} for i in ranking]
+            if suffix == ".json":
+                _write_json(output, [asdict(i) for i in ranking])
+            else:
+                write_records(records, list(records[0]) if records else ["kind"], output, overwrite=overwrite)
+            click.echo(f"wrote the top {len(ranking)} training triples by self-influence to {output}")
+            return
+        triples = idx.parse(test if ":" in test and not Path(test).exists() else Path(test))
+        positions = _parse_indices(test_indices, len(triples))
+        if positions is None:
+            positions = np.arange(len(triples))
+        settings = idx.settings(top_k, mode=score_mode)
+        with _bar(len(positions), "explaining") as progress:
+            if suffix == ".json":
+                results = idx.score(triples[positions], settings, progress=progress)
+                _write_json(output, [{"test_index": int(p), **r.to_dict()} for p, r in zip(positions, results, strict=True)])
+            else:
+                write_scores(idx, triples[positions], output, settings, test_index=positions, overwrite=overwrite,
+                             progress=progress, log=lambda msg: click.echo(msg, err=True))
+        click.echo(f"explained {len(positions):,} test triple(s) into {output} ({time.perf_counter() - started:.1f} s)")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    """Write a JSON document completely or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @main.command()

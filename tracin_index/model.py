@@ -489,3 +489,57 @@ def triples_fingerprint(mapped: torch.Tensor) -> str:
     """sha256 of the ``(N, 3) int64`` raw-id triples in little-endian order."""
     arr = np.ascontiguousarray(mapped.cpu().numpy().astype("<i8"))
     return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- test sets
+
+
+PYKEEN_PREFIX = "pykeen:"
+
+
+def _map_labels(label_triples: np.ndarray, triples: TriplesData, what: str) -> torch.Tensor:
+    e2i, r2i = triples.entity_to_id, triples.relation_to_id
+    out = np.empty((len(label_triples), 3), dtype=np.int64)
+    for i, (h, r, t) in enumerate(label_triples):
+        for label, table, kind in ((h, e2i, "entity"), (r, r2i, "relation"), (t, e2i, "entity")):
+            if label not in table:
+                raise InputError(f"{what} triple {i}: unknown {kind} {label!r}{suggest(str(label), list(table))}")
+        out[i] = (e2i[h], r2i[r], e2i[t])
+    return torch.from_numpy(out)
+
+
+def load_test_triples(spec: str | os.PathLike[str], triples: TriplesData) -> torch.Tensor:
+    """Test triples as raw ids ``(M, 3) int64`` of the indexed model, from any of:
+
+    - a label TSV file (``head<TAB>relation<TAB>tail``, one triple per line);
+    - a pykeen triples directory (``TriplesFactory.to_path_binary``, e.g. a run's ``training_triples``);
+    - ``pykeen:DATASET[:SPLIT]``, a dataset pykeen ships or has cached (``pykeen:nations:testing``;
+      the split defaults to ``testing``).
+
+    Labels are mapped through the index's own label tables, so id orders need not agree.
+    """
+    text = str(spec)
+    if text.startswith(PYKEEN_PREFIX):
+        name, _, split = text[len(PYKEEN_PREFIX):].partition(":")
+        split = split or "testing"
+        if split not in ("training", "testing", "validation"):
+            raise InputError(f"--test {text}: split {split!r} is unknown; use training, testing or validation")
+        from pykeen.datasets import dataset_resolver, get_dataset
+
+        try:
+            dataset_resolver.lookup(name)
+        except (KeyError, ValueError):
+            known = sorted(dataset_resolver.lookup_dict)
+            raise InputError(f"--test {text}: pykeen has no dataset {name!r}{suggest(name.lower(), known)}") from None
+        factory = getattr(get_dataset(dataset=name), split)
+        return _map_labels(factory.label_triples(factory.mapped_triples), triples, f"{name}:{split}")
+    path = Path(text)
+    if path.is_dir():
+        from pykeen.triples import TriplesFactory
+
+        try:
+            factory = TriplesFactory.from_path_binary(path)
+        except Exception as exc:
+            raise InputError(f"test triples directory {path} could not be read by pykeen: {exc}") from exc
+        return _map_labels(factory.label_triples(factory.mapped_triples), triples, str(path))
+    return load_label_triples(path, triples.entity_to_id, triples.relation_to_id)

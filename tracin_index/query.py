@@ -1,34 +1,61 @@
-"""Stage 7: the query phase. Test gradient, same projection, FAISS candidates, exact re-rank."""
+"""Stage 7: the query phase. Test gradients, the same projection, candidate search, exact re-rank.
+
+One engine serves the ad-hoc ``query``, the bulk ``score`` and the set-level ``aggregate``: test
+triples are processed in batches (gradients computed once per batch, never per triple), candidates are
+retrieved for both ends with FAISS (or a masked/weighted scan for filters and the cosine mode), and the
+union of a batch's candidates is re-ranked by exact TracIn in one pass.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .errors import IndexMismatchError, InputError
-from .gradients import select
 from .model import (
+    PYKEEN_PREFIX,
     Checkpoint,
     ModelBundle,
     TriplesData,
     load_checkpoints,
     load_model,
+    load_test_triples,
     parse_triple,
     select_parameters,
+    suggest,
     triples_fingerprint,
 )
 from .projection import ProjectionSpec
 from .runtime import resolve_device
-from .search import load_index, search
+from .search import flat_rows, load_index, scan, search
 from .store import Store
 from .tracer import Tracer
 
-__all__ = ["Influence", "QueryResult", "TracinIndex", "open_index", "default_candidates"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "MODES",
+    "AggregateResult",
+    "Influence",
+    "QueryResult",
+    "Ranking",
+    "Results",
+    "ScoreSettings",
+    "TracinIndex",
+    "default_candidates",
+    "open_index",
+    "self_influence_ranking",
+]
+
+MODES = ("dot", "cosine", "abs")
+Progress = Callable[[int, int], None]
 
 
 def default_candidates(k: int) -> tuple[int, int]:
@@ -39,38 +66,161 @@ def default_candidates(k: int) -> tuple[int, int]:
     return max(10 * k, 100), max(50 * k, 500)
 
 
+# ---------------------------------------------------------------------------------------------- results
+
+
 @dataclass(frozen=True)
 class Influence:
+    """One training triple in a ranking. ``train_index`` is its position in the training triples."""
+
     rank: int
     train_index: int
     head: str
     relation: str
     tail: str
+    head_id: int
+    relation_id: int
+    tail_id: int
     influence: float
+
+
+TRAIN_COLUMNS = ("kind", "rank", "train_index", "head", "relation", "tail", "head_id", "relation_id", "tail_id",
+                 "influence")
+TEST_COLUMNS = ("test_index", "test_head", "test_relation", "test_tail", "test_head_id", "test_relation_id",
+                "test_tail_id", "mode")
+
+
+def _lists(result: QueryResult | AggregateResult) -> list[tuple[str, list[Influence]]]:
+    if result.mode == "abs":
+        return [("top", result.top)]
+    return [("proponent", result.proponents), ("opponent", result.opponents)]
+
+
+def _train_record(kind: str, item: Influence) -> dict[str, Any]:
+    return {"kind": kind, **asdict(item)}
 
 
 @dataclass(frozen=True)
 class QueryResult:
-    """Top proponents (largest positive influence) and opponents (most negative) of one test triple."""
+    """The ranking of one test triple.
+
+    ``mode`` dot/cosine: ``proponents`` (largest positive influence first) and ``opponents`` (most
+    negative first). ``mode`` abs: ``top``, largest ``|influence|`` first, signs kept (the earlier
+    tool's ranking). ``exact`` is False when the values are projected estimates (no re-rank).
+    """
 
     test: dict[str, str]
     test_ids: tuple[int, int, int]
+    mode: str = "dot"
     proponents: list[Influence] = field(default_factory=list)
     opponents: list[Influence] = field(default_factory=list)
+    top: list[Influence] = field(default_factory=list)
     exact: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "test": self.test,
-            "proponents": [asdict(p) for p in self.proponents],
-            "opponents": [asdict(o) for o in self.opponents],
-        }
+        out: dict[str, Any] = {"test": self.test, "mode": self.mode}
+        for kind, items in _lists(self):
+            out["top" if kind == "top" else kind + "s"] = [asdict(i) for i in items]
+        return out
+
+    def records(self, test_index: int = 0) -> list[dict[str, Any]]:
+        """One flat row per (kind, rank): the bulk output schema (see the README)."""
+        h, r, t = self.test_ids
+        test = {"test_index": test_index, "test_head": self.test["head"], "test_relation": self.test["relation"],
+                "test_tail": self.test["tail"], "test_head_id": h, "test_relation_id": r, "test_tail_id": t,
+                "mode": self.mode}
+        return [{**test, **_train_record(kind, i)} for kind, items in _lists(self) for i in items]
+
+    def to_frame(self) -> pd.DataFrame:
+        return Results([self]).to_frame()
+
+
+class Results(list[QueryResult]):
+    """Results of several test triples, in input order; ``to_frame()`` gives the bulk output schema."""
+
+    def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        rows = [rec for m, res in enumerate(self) for rec in res.records(m)]
+        return pd.DataFrame(rows, columns=list(TEST_COLUMNS + TRAIN_COLUMNS))
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """Training triples ranked by their influence summed over a whole test set."""
+
+    mode: str
+    num_test: int
+    proponents: list[Influence] = field(default_factory=list)
+    opponents: list[Influence] = field(default_factory=list)
+    top: list[Influence] = field(default_factory=list)
+    exact: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.mode, "num_test": self.num_test}
+        for kind, items in _lists(self):
+            out["top" if kind == "top" else kind + "s"] = [asdict(i) for i in items]
+        return out
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"mode": self.mode, **_train_record(kind, i)} for kind, items in _lists(self) for i in items]
+
+    def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.records(), columns=["mode", *TRAIN_COLUMNS])
+
+
+class Ranking(list[Influence]):
+    """A ranked list of training triples (e.g. by self-influence); ``to_frame()`` gives a DataFrame."""
+
+    def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame([asdict(i) for i in self], columns=list(TRAIN_COLUMNS[1:]))
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What a ranking depends on, besides the index and the test triples.
+
+    ``relations``: relation ids a listed training triple must have (None = any). ``neighbourhood``:
+    listed training triples must share an entity with their test triple. Both restrict the search
+    before the top-K cut. ``candidates`` / ``opponent_candidates``: rows retrieved per end and
+    re-ranked exactly (None = :func:`default_candidates`).
+    """
+
+    k: int = 10
+    mode: str = "dot"
+    relations: tuple[int, ...] | None = None
+    neighbourhood: bool = False
+    candidates: int | None = None
+    opponent_candidates: int | None = None
+    rerank: bool = True
+
+    def per_end(self) -> tuple[int, int]:
+        dp, do = default_candidates(self.k)
+        return max(self.k, self.candidates or dp), max(self.k, self.opponent_candidates or self.candidates or do)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- index
+
+
+def _reciprocal(x: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(x, dtype=np.float32)
+    np.divide(1.0, x, out=out, where=x > 0)
+    return out
 
 
 class TracinIndex:
     """A built index, opened with the model and checkpoints it was built from.
 
-    Use :func:`open_index`. ``query`` answers top-K proponents and opponents.
+    Use :func:`open_index`. ``query`` ranks training triples for test triples, ``score`` does it for a
+    whole test set in batches, ``aggregate`` ranks by influence summed over a test set,
+    ``self_influence`` ranks training triples by their own influence, ``info`` gives the settings.
     """
 
     def __init__(self, store: Store, tracer: Tracer, labels: TriplesData) -> None:
@@ -78,25 +228,45 @@ class TracinIndex:
         self.tracer = tracer
         self.labels = labels
         self.triples = torch.from_numpy(np.asarray(store.array("triples")[:], dtype=np.int64))
+        self.train_index = np.asarray(store.array("train_index")[:], dtype=np.int64)
         self._faiss = load_index(store.faiss_path)
+        self._rows = flat_rows(self._faiss)
+        self._inv_norms: np.ndarray | None = None
 
     @property
-    def num_train(self) -> int:
+    def num_rows(self) -> int:
+        """Rows in the index (the training triples, or the sample of them that was indexed)."""
         return int(self.triples.shape[0])
 
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self.tracer.checkpoints)
+
     def info(self) -> dict[str, Any]:
-        """The store's attributes (settings, fingerprints, tracked parameters)."""
+        """The store's attributes (settings, fingerprints, tracked parameters, sample)."""
         return self.store.attrs
 
-    def parse(self, triples: str | tuple[int, int, int] | list[Any] | torch.Tensor) -> torch.Tensor:
-        """Labels (``"h r t"`` strings) or raw ids to an ``(M, 3) int64`` tensor."""
+    # ------------------------------------------------------------------ inputs
+
+    def parse(self, triples: Any) -> torch.Tensor:
+        """Test triples to raw ids ``(M, 3) int64``.
+
+        Accepts ``"head relation tail"`` label strings (one or a list), raw id tuples, an ``(M, 3)``
+        tensor or array, a label TSV path, a pykeen triples directory, or ``"pykeen:DATASET[:SPLIT]"``.
+        """
+        if isinstance(triples, os.PathLike) or (
+            isinstance(triples, str) and (triples.startswith(PYKEEN_PREFIX) or (os.path.exists(triples) and "\t" not in triples))
+        ):
+            return load_test_triples(triples, self.labels)
+        if isinstance(triples, np.ndarray):
+            triples = torch.from_numpy(triples)
         if isinstance(triples, torch.Tensor):
             out = triples.reshape(-1, 3).to(torch.long)
         else:
-            items = [triples] if isinstance(triples, str) or (
-                isinstance(triples, tuple) and len(triples) == 3 and isinstance(triples[0], int)) else list(triples)
+            single = isinstance(triples, str) or (
+                isinstance(triples, tuple) and len(triples) == 3 and isinstance(triples[0], int))
             rows = []
-            for item in items:
+            for item in [triples] if single else list(triples):
                 if isinstance(item, str):
                     rows.append(parse_triple(item, self.labels))
                 else:
@@ -109,79 +279,272 @@ class TracinIndex:
             raise InputError(f"triple ids {out[bad][0].tolist()} are out of range ({num_e} entities, {num_r} relations)")
         return out
 
+    def relation_ids(self, relations: Sequence[str | int] | None) -> tuple[int, ...] | None:
+        """Relation labels (or ids) to sorted ids, refusing unknown ones with the closest labels."""
+        if not relations:
+            return None
+        table, labels = self.labels.relation_to_id, self.labels.relation_labels
+        out = set()
+        for r in relations:
+            if isinstance(r, int) or (isinstance(r, str) and r not in table and r.isdigit()):
+                i = int(r)
+                if not 0 <= i < len(labels):
+                    raise InputError(f"--relation {r}: relation id out of range (0..{len(labels) - 1})")
+                out.add(i)
+            elif r in table:
+                out.add(table[r])
+            else:
+                raise InputError(f"--relation {r!r} is not a relation of this index{suggest(r, labels)}")
+        return tuple(sorted(out))
+
+    def settings(self, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
+                 neighbourhood: bool = False, candidates: int | None = None,
+                 opponent_candidates: int | None = None, rerank: bool = True) -> ScoreSettings:
+        """Checked :class:`ScoreSettings` (labels resolved, ranges checked)."""
+        if mode not in MODES:
+            raise InputError(f"--mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if not 1 <= k <= self.num_rows:
+            raise InputError(f"--top-k {k} is out of range; choose 1..{self.num_rows} (the indexed training triples)")
+        for name, value in (("--candidates", candidates), ("--opponent-candidates", opponent_candidates)):
+            if value is not None and value < 1:
+                raise InputError(f"{name} {value} must be at least 1")
+        return ScoreSettings(k=k, mode=mode, relations=self.relation_ids(relations), neighbourhood=neighbourhood,
+                             candidates=candidates, opponent_candidates=opponent_candidates, rerank=rerank)
+
+    # ------------------------------------------------------------------ exact values
+
     def test_rows(self, test: torch.Tensor) -> tuple[np.ndarray, list[list[Any]]]:
         """Projected query rows ``(M, C*k) float32`` and the exact gradient blocks per checkpoint."""
         r = self.tracer.rows(test, keep_blocks=True)
         return r.rows.cpu().numpy().astype(np.float32), r.blocks
 
-    def exact_influence(self, test: Any, train_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact TracIn ``(M, n) float32`` of test triples against training rows (all by default)."""
-        t = self.parse(test)
-        _, blocks = self.test_rows(t)
-        train = self.triples if train_index is None else self.triples[train_index]
-        return self.tracer.exact(blocks, train).cpu()
+    def exact_influence(self, test: Any, rows: torch.Tensor | np.ndarray | None = None, mode: str = "dot") -> torch.Tensor:
+        """Exact influence ``(M, n) float32`` of test triples on index rows (all by default), brute force.
 
-    def query(
-        self,
-        triples: Any,
-        k: int = 10,
-        *,
-        candidates: int | None = None,
-        opponent_candidates: int | None = None,
-        rerank: bool = True,
-    ) -> list[QueryResult]:
-        """Top-``k`` proponents and opponents of each test triple.
-
-        ``triples``: one ``"head relation tail"`` string, a list of them, or raw ids ``(M, 3) int64``.
-        FAISS retrieves ``candidates`` rows for each end (opponents by searching with ``-q``); with
-        ``rerank`` they are scored by exact TracIn and the lists hold exact values.
+        ``mode="cosine"`` gives ``sum_c lr_c cos(g_c(train), g_c(test)) / sum_c lr_c`` (in [-1, 1]); dot and
+        abs give raw TracIn.
         """
-        if not 1 <= k <= self.num_train:
-            raise InputError(f"--top-k {k} is out of range; choose 1..{self.num_train} (the training triples)")
-        test = self.parse(triples)
-        q, blocks = self.test_rows(test)
-        dp, do = default_candidates(k)
-        n_pro = max(k, candidates or dp)
-        n_opp = max(k, opponent_candidates or candidates or do)
-        s_pro, i_pro = search(self._faiss, q, n_pro)
-        s_opp, i_opp = search(self._faiss, -q, n_opp)
-        results = []
-        for m in range(test.shape[0]):
-            ids_p, ids_o = i_pro[m][i_pro[m] >= 0], i_opp[m][i_opp[m] >= 0]
-            if rerank:
-                union = np.unique(np.concatenate([ids_p, ids_o]))
-                mine = [select(per_ckpt, torch.tensor([m])) for per_ckpt in blocks]
-                exact = self.tracer.exact(mine, self.triples[torch.from_numpy(union)])[0].cpu().numpy()
-                scores = dict(zip(union.tolist(), exact.tolist(), strict=True))
-                pro = sorted(((scores[i], i) for i in ids_p.tolist()), key=lambda x: (-x[0], x[1]))
-                opp = sorted(((scores[i], i) for i in ids_o.tolist()), key=lambda x: (x[0], x[1]))
-            else:
-                pro = list(zip(s_pro[m][: len(ids_p)].tolist(), ids_p.tolist(), strict=True))
-                opp = list(zip((-s_opp[m][: len(ids_o)]).tolist(), ids_o.tolist(), strict=True))
-            results.append(self._result(test[m], [p for p in pro if p[0] > 0][:k], [o for o in opp if o[0] < 0][:k], rerank))
-        return results
+        t = self.parse(test)
+        r = self.tracer.rows(t, keep_blocks=True)
+        idx = torch.arange(self.num_rows) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        test_scale = train_scale = None
+        if mode == "cosine":
+            test_scale = torch.from_numpy(self._cosine_scale(r.sq_norms))
+            train_scale = torch.from_numpy(self._row_scale()[idx.numpy()])
+        if len(idx) == 0:
+            return torch.zeros((t.shape[0], 0))
+        return self.tracer.exact(r.blocks, self.triples[idx], test_scale=test_scale, train_scale=train_scale).cpu()
+
+    def _cosine_scale(self, sq_norms: torch.Tensor) -> np.ndarray:
+        """Per test and checkpoint ``1 / (||g'_c|| sum_c lr_c)``: cosines averaged with weights ``lr_c / sum lr``."""
+        lr_sum = sum(c.lr for c in self.tracer.checkpoints)
+        return _reciprocal(sq_norms.sqrt().cpu().numpy() * lr_sum)
+
+    def _row_scale(self) -> np.ndarray:
+        if self._inv_norms is None:
+            self._inv_norms = _reciprocal(np.asarray(self.store.array("norms")[:], dtype=np.float32))
+        return self._inv_norms
+
+    # ------------------------------------------------------------------ the engine
+
+    def _mask(self, test: torch.Tensor | None, s: ScoreSettings) -> Callable[[int, int], torch.Tensor | None] | None:
+        if s.relations is None and not s.neighbourhood:
+            return None
+        rel_ok = None if s.relations is None else torch.isin(self.triples[:, 1], torch.tensor(s.relations))
+        heads, tails = self.triples[:, 0], self.triples[:, 2]
+
+        def mask(start: int, stop: int) -> torch.Tensor | None:
+            out = None if rel_ok is None else rel_ok[start:stop]
+            if s.neighbourhood and test is not None:
+                hb, tb = heads[start:stop, None], tails[start:stop, None]
+                eh, et = test[None, :, 0], test[None, :, 2]
+                near = (hb == eh) | (hb == et) | (tb == eh) | (tb == et)
+                out = near if out is None else near & out[:, None]
+            return out
+
+        return mask
+
+    def _retrieve(self, q: np.ndarray, s: ScoreSettings, mask: Any, row_scale: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        n_pro, n_opp = s.per_end()
+        if mask is None and row_scale is None:
+            ps, pi = search(self._faiss, q, n_pro)
+            os_, oi = search(self._faiss, -q, n_opp)
+            return ps, pi, -os_, oi
+        return scan(self._rows, q, n_pro, n_opp, row_scale=row_scale, mask=mask)
+
+    def _queries(self, test: torch.Tensor, s: ScoreSettings, keep_blocks: bool) -> tuple[np.ndarray, torch.Tensor | None, Any]:
+        """Query rows ``(M, W)`` (normalised per checkpoint in cosine mode), the test scale, and the blocks."""
+        r = self.tracer.rows(test, keep_blocks=keep_blocks)
+        q = r.rows.cpu().numpy().astype(np.float32)
+        if s.mode != "cosine":
+            return q, None, r.blocks
+        scale = self._cosine_scale(r.sq_norms)
+        q = (q.reshape(len(q), self.num_checkpoints, -1) * scale[:, :, None]).reshape(len(q), -1)
+        return q, torch.from_numpy(scale), r.blocks
+
+    def score_batch(self, test: torch.Tensor, s: ScoreSettings) -> Results:
+        """Rank training triples for one batch of test triples ``(M, 3) int64`` (the engine)."""
+        q, test_scale, blocks = self._queries(test, s, keep_blocks=s.rerank)
+        row_scale = self._row_scale() if s.mode == "cosine" else None
+        ps, pi, os_, oi = self._retrieve(q, s, self._mask(test, s), row_scale)
+        if s.rerank:
+            union = np.unique(np.concatenate([pi[pi >= 0], oi[oi >= 0]]))
+            exact = np.zeros((len(test), len(union)), dtype=np.float32)
+            if len(union):
+                exact = self.tracer.exact(
+                    blocks, self.triples[torch.from_numpy(union)], test_scale=test_scale,
+                    train_scale=None if row_scale is None else torch.from_numpy(row_scale[union]),
+                ).cpu().numpy()
+            rows = np.arange(len(test))[:, None]
+            pv = exact[rows, np.searchsorted(union, np.maximum(pi, 0))] if len(union) else ps
+            ov = exact[rows, np.searchsorted(union, np.maximum(oi, 0))] if len(union) else os_
+        else:
+            pv, ov = ps, os_
+        return Results(self._result(test[m], s, pi[m], pv[m], oi[m], ov[m]) for m in range(len(test)))
+
+    def _result(self, test: torch.Tensor, s: ScoreSettings, pi: np.ndarray, pv: np.ndarray, oi: np.ndarray,
+                ov: np.ndarray) -> QueryResult:
+        pro = [(float(v), int(i)) for v, i in zip(pv, pi, strict=True) if i >= 0]
+        opp = [(float(v), int(i)) for v, i in zip(ov, oi, strict=True) if i >= 0]
+        h, r, t = self._labels(test)
+        common: dict[str, Any] = {"test": {"head": h, "relation": r, "tail": t},
+                                  "test_ids": tuple(int(x) for x in test.tolist()), "mode": s.mode, "exact": s.rerank}
+        if s.mode == "abs":
+            merged = {i: v for v, i in pro + opp}
+            top = sorted(((v, i) for i, v in merged.items()), key=lambda x: (-abs(x[0]), x[1]))[: s.k]
+            return QueryResult(top=self._entries(top), **common)
+        pro = sorted(pro, key=lambda x: (-x[0], x[1]))
+        opp = sorted(opp, key=lambda x: (x[0], x[1]))
+        return QueryResult(proponents=self._entries([p for p in pro if p[0] > 0][: s.k]),
+                           opponents=self._entries([o for o in opp if o[0] < 0][: s.k]), **common)
 
     def _labels(self, ids: Any) -> tuple[str, str, str]:
         h, r, t = (int(x) for x in ids)
         ent, rel = self.labels.entity_labels, self.labels.relation_labels
         return ent[h], rel[r], ent[t]
 
-    def _result(self, test: torch.Tensor, pro: list[tuple[float, int]], opp: list[tuple[float, int]], exact: bool) -> QueryResult:
-        def entries(items: list[tuple[float, int]]) -> list[Influence]:
-            out = []
-            for rank, (score, i) in enumerate(items, start=1):
-                h, r, t = self._labels(self.triples[i])
-                out.append(Influence(rank=rank, train_index=int(i), head=h, relation=r, tail=t, influence=float(score)))
-            return out
+    def _entries(self, items: list[tuple[float, int]]) -> list[Influence]:
+        out = []
+        for rank, (score, row) in enumerate(items, start=1):
+            ids = [int(x) for x in self.triples[row]]
+            h, r, t = self._labels(ids)
+            out.append(Influence(rank=rank, train_index=int(self.train_index[row]), head=h, relation=r, tail=t,
+                                 head_id=ids[0], relation_id=ids[1], tail_id=ids[2], influence=score))
+        return out
 
-        h, r, t = self._labels(test)
-        return QueryResult(
-            test={"head": h, "relation": r, "tail": t},
-            test_ids=tuple(int(x) for x in test.tolist()),  # type: ignore[arg-type]
-            proponents=entries(pro),
-            opponents=entries(opp),
-            exact=exact,
-        )
+    # ------------------------------------------------------------------ public rankings
+
+    def query(self, triples: Any, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
+              neighbourhood: bool = False, candidates: int | None = None, opponent_candidates: int | None = None,
+              rerank: bool = True, batch_size: int = 64) -> Results:
+        """Top-``k`` proponents and opponents (or ``top`` by magnitude) of each test triple.
+
+        ``triples``: what :meth:`parse` accepts. ``mode``: ``dot`` (raw TracIn), ``cosine``
+        (``sum_c lr_c cos(g_c, g'_c) / sum_c lr_c``, in [-1, 1], from the stored norms), ``abs`` (largest ``|influence|``).
+        ``relations`` / ``neighbourhood`` restrict the candidates before the top-``k`` cut.
+        Candidates are retrieved per end (``candidates`` / ``opponent_candidates``) and, with
+        ``rerank``, scored by exact TracIn, so the listed values are exact. Returns :class:`Results`
+        (a list of :class:`QueryResult`, in input order).
+        """
+        s = self.settings(k, mode=mode, relations=relations, neighbourhood=neighbourhood, candidates=candidates,
+                          opponent_candidates=opponent_candidates, rerank=rerank)
+        return self.score(triples, s, batch_size=batch_size)
+
+    def score(self, test: Any, settings: ScoreSettings | None = None, *, batch_size: int = 64,
+              progress: Progress | None = None, **kwargs: Any) -> Results:
+        """Bulk scoring of a whole test set, in batches of ``batch_size`` test triples.
+
+        ``test``: what :meth:`parse` accepts (a file, ``pykeen:nations``, ids, labels). Settings come as
+        a :class:`ScoreSettings` or as :meth:`query`'s keywords. ``progress(done, total)`` is called
+        after each batch. For a results file that survives a kill, use :func:`tracin_index.write_scores`.
+        """
+        s = settings or self.settings(**kwargs)
+        t = self.parse(test)
+        out = Results()
+        for batch in self.iter_batches(t, s, batch_size=batch_size):
+            out.extend(batch)
+            if progress is not None:
+                progress(len(out), len(t))
+        return out
+
+    def iter_batches(self, test: torch.Tensor, s: ScoreSettings, *, batch_size: int = 64, start: int = 0) -> Iterator[Results]:
+        """:meth:`score_batch` over consecutive batches of ``test`` from batch number ``start``."""
+        if batch_size < 1:
+            raise InputError(f"--batch-size {batch_size} must be at least 1")
+        for b0 in range(start * batch_size, len(test), batch_size):
+            with torch.no_grad():
+                yield self.score_batch(test[b0 : b0 + batch_size], s)
+
+    def aggregate(self, test: Any, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
+                  candidates: int | None = None, opponent_candidates: int | None = None, rerank: bool = True,
+                  batch_size: int = 256, progress: Progress | None = None) -> AggregateResult:
+        """Training triples ranked by influence summed over the whole test set (which matter most overall).
+
+        TracIn is linear in the test gradient, so the sum over tests is one search with the summed
+        query row; candidates are re-ranked by the exact sum (a second pass over the tests).
+        """
+        s = self.settings(k, mode=mode, relations=relations, candidates=candidates,
+                          opponent_candidates=opponent_candidates, rerank=rerank)
+        t = self.parse(test)
+        total = np.zeros(self._rows.shape[1], dtype=np.float64)
+        passes = 2 if rerank else 1
+        for b0 in range(0, len(t), batch_size):
+            with torch.no_grad():
+                q, _, _ = self._queries(t[b0 : b0 + batch_size], s, keep_blocks=False)
+            total += q.astype(np.float64).sum(0)
+            if progress is not None:
+                progress(min(len(t), b0 + batch_size), passes * len(t))
+        row_scale = self._row_scale() if mode == "cosine" else None
+        q_sum = total.astype(np.float32)[None, :]
+        ps, pi, os_, oi = self._retrieve(q_sum, s, self._mask(None, s), row_scale)
+        pi, ps, oi, os_ = pi[0], ps[0], oi[0], os_[0]
+        if rerank:
+            union = np.unique(np.concatenate([pi[pi >= 0], oi[oi >= 0]]))
+            exact = np.zeros(len(union), dtype=np.float64)
+            for b0 in range(0, len(t), batch_size):
+                if len(union) == 0:
+                    break
+                with torch.no_grad():
+                    _, test_scale, blocks = self._queries(t[b0 : b0 + batch_size], s, keep_blocks=True)
+                    part = self.tracer.exact(
+                        blocks, self.triples[torch.from_numpy(union)], test_scale=test_scale,
+                        train_scale=None if row_scale is None else torch.from_numpy(row_scale[union]),
+                    )
+                exact += part.cpu().numpy().astype(np.float64).sum(0)
+                if progress is not None:
+                    progress(len(t) + min(len(t), b0 + batch_size), passes * len(t))
+            if len(union):
+                ps = exact[np.searchsorted(union, np.maximum(pi, 0))]
+                os_ = exact[np.searchsorted(union, np.maximum(oi, 0))]
+        r = self._result(torch.zeros(3, dtype=torch.long), s, pi, ps, oi, os_)
+        return AggregateResult(mode=mode, num_test=len(t), proponents=r.proponents, opponents=r.opponents, top=r.top,
+                               exact=rerank)
+
+    def self_influence(self, top: int | None = None) -> Ranking:
+        """Indexed training triples ranked by exact self-influence ``sum_c lr_c ||g_c||^2`` (largest first).
+
+        High self-influence marks triples the model found hard: mislabelled or noisy ones rank high.
+        ``top``: how many (None = all). Ties are broken by training position.
+        """
+        return self_influence_ranking(self.store, top)
+
+
+def self_influence_ranking(index: Store | str | os.PathLike[str], top: int | None = None) -> Ranking:
+    """:meth:`TracinIndex.self_influence` from the store alone (no model needed: the values are stored)."""
+    store = index if isinstance(index, Store) else Store.open(index)
+    values = np.asarray(store.array("self_influence")[:], dtype=np.float64)
+    if top is not None and not 1 <= top <= len(values):
+        raise InputError(f"--top {top} is out of range; choose 1..{len(values)} (the indexed training triples)")
+    train_index = np.asarray(store.array("train_index")[:], dtype=np.int64)
+    order = np.lexsort((train_index, -values))[:top]
+    triples = np.asarray(store.array("triples")[:], dtype=np.int64)[order]
+    ent, rel = store.labels()
+    return Ranking(
+        Influence(rank=rank, train_index=int(train_index[i]), head=ent[h], relation=rel[r], tail=ent[t],
+                  head_id=int(h), relation_id=int(r), tail_id=int(t), influence=float(values[i]))
+        for rank, (i, (h, r, t)) in enumerate(zip(order, triples, strict=True), start=1)
+    )
 
 
 def open_index(

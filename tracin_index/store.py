@@ -5,6 +5,7 @@ Layout of one build (a directory)::
     zarr.json            group attributes: schema, status, fingerprints, settings, versions
     grads/               (N, C*k) float16 (float32 for --projection none), row-chunked
     triples/             (N, 3) int64 raw ids
+    train_index/         (N,) int64 position of each row in the training triples (a sample indexes a subset)
     entity_labels/       (E,) str;  relation_labels/ (R,) str
     self_influence/      (N,) float32, exact: sum_c lr_c ||g_c||^2
     norms/               (N, C) float32, exact ||g_c||
@@ -32,7 +33,7 @@ from .errors import StoreError
 
 __all__ = ["SCHEMA_VERSION", "Store", "publish"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FAISS_FILE = "faiss.index"
 
 
@@ -60,6 +61,7 @@ class Store:
         path: Path,
         *,
         triples: np.ndarray,
+        train_index: np.ndarray,
         entity_labels: list[str],
         relation_labels: list[str],
         width: int,
@@ -74,6 +76,7 @@ class Store:
         units = (n + unit_rows - 1) // unit_rows
         group.create_array("grads", shape=(n, width), chunks=(unit_rows, width), dtype=dtype, **_codecs())
         group.create_array("triples", shape=(n, 3), chunks=(unit_rows, 3), dtype="int64", **_codecs())
+        group.create_array("train_index", shape=(n,), chunks=(unit_rows,), dtype="int64", **_codecs())
         group.create_array("self_influence", shape=(n,), chunks=(unit_rows,), dtype="float32", **_codecs())
         group.create_array("norms", shape=(n, num_checkpoints), chunks=(unit_rows, num_checkpoints), dtype="float32", **_codecs())
         group.create_array("done", shape=(units,), chunks=(1,), dtype="bool", fill_value=False, **_codecs())
@@ -81,6 +84,7 @@ class Store:
             arr = group.create_array(name, shape=(len(labels),), chunks=(max(1, len(labels)),), dtype=str)
             arr[:] = np.asarray(labels, dtype=object)
         _arr(group, "triples")[:] = triples.astype(np.int64)
+        _arr(group, "train_index")[:] = train_index.astype(np.int64)
         group.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "num_rows": n, "width": width,
                             "unit_rows": unit_rows, "num_units": units, "status": "building"})
         return cls(path, group)

@@ -107,14 +107,30 @@ class Tracer:
         lrs = torch.tensor([c.lr for c in self.checkpoints], dtype=sq.dtype, device=sq.device)
         return sq @ lrs
 
-    def exact(self, test_blocks: list[list[GradBlock]], train: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Exact TracIn ``(M, len(train)) float32`` between tests (blocks per checkpoint) and train triples."""
+    def exact(
+        self,
+        test_blocks: list[list[GradBlock]],
+        train: torch.Tensor,
+        batch_size: int = 512,
+        test_scale: torch.Tensor | None = None,
+        train_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Exact TracIn ``(M, len(train)) float32`` between tests (blocks per checkpoint) and train triples.
+
+        ``test_scale (M, C)`` and ``train_scale (len(train), C)`` multiply checkpoint ``c``'s term per
+        row: with reciprocal gradient norms this is the cosine mode, ``sum_c lr_c cos(g_c, g'_c)``.
+        """
         total: torch.Tensor | None = None
         for c, ckpt in enumerate(self.checkpoints):
-            part = torch.cat(
-                [inner(test_blocks[c], self.gradients(train[s : s + batch_size], c)) for s in range(0, len(train), batch_size)],
-                dim=1,
-            ) * ckpt.lr
+            chunks = []
+            for s in range(0, len(train), batch_size):
+                part = inner(test_blocks[c], self.gradients(train[s : s + batch_size], c))
+                if train_scale is not None:
+                    part = part * train_scale[s : s + batch_size, c].to(part)[None, :]
+                chunks.append(part)
+            part = torch.cat(chunks, dim=1) * ckpt.lr
+            if test_scale is not None:
+                part = part * test_scale[:, c].to(part)[:, None]
             total = part if total is None else total + part
         assert total is not None
         return total

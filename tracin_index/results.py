@@ -1,0 +1,184 @@
+"""Results files: Parquet or JSON Lines (by extension), written atomically; bulk scoring is restartable.
+
+A bulk run writes one part file per batch of test triples into ``.OUT.parts/`` beside ``OUT`` (each
+part by write-then-rename, so a part is complete or absent), with a manifest of everything the results
+depend on. A killed run started again with the same command skips the finished parts; when all are
+there they are joined into ``OUT`` (again write-then-rename) and the parts are removed. An unbroken
+run goes through the same parts, so both end in the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError, StoreError
+from .model import triples_fingerprint
+from .query import TEST_COLUMNS, TRAIN_COLUMNS, ScoreSettings, TracinIndex
+
+__all__ = ["FORMATS", "output_format", "write_records", "write_scores"]
+
+FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
+MANIFEST = "manifest.json"
+_STR = {"test_head", "test_relation", "test_tail", "mode", "kind", "head", "relation", "tail"}
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    """``parquet`` or ``jsonl`` from the file's extension; anything else is refused."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise InputError(f"--out {path}: the extension picks the format; use .parquet or .jsonl")
+    return fmt
+
+
+def _schema(columns: list[str]) -> Any:
+    import pyarrow as pa
+
+    def typ(c: str) -> Any:
+        return pa.string() if c in _STR else pa.float64() if c == "influence" else pa.int64()
+
+    return pa.schema([(c, typ(c)) for c in columns])
+
+
+def _write_part(records: list[dict[str, Any]], columns: list[str], path: Path, fmt: str) -> None:
+    """Write ``records`` to ``path`` completely or not at all (temp file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if fmt == "jsonl":
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(json.dumps({c: rec[c] for c in columns}, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pylist([{c: rec[c] for c in columns} for rec in records], schema=_schema(columns))
+            pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _join(parts: list[Path], columns: list[str], out: Path, fmt: str) -> None:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if fmt == "jsonl":
+            with open(tmp, "wb") as f:
+                for p in parts:
+                    f.write(p.read_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            import pyarrow.parquet as pq
+
+            with pq.ParquetWriter(tmp, _schema(columns)) as writer:
+                for p in parts:
+                    writer.write_table(pq.read_table(p))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_out(out: Path, overwrite: bool) -> str:
+    fmt = output_format(out)
+    if out.is_dir():
+        raise InputError(f"--out {out} is a directory; give a file name ending in .parquet or .jsonl")
+    if out.exists() and not overwrite:
+        raise StoreError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return fmt
+
+
+def write_records(records: list[dict[str, Any]], columns: list[str], out: str | os.PathLike[str], *,
+                  overwrite: bool = False) -> Path:
+    """Write a small table (a ranking) to ``out`` (.parquet or .jsonl), atomically."""
+    out = Path(out)
+    fmt = _check_out(out, overwrite)
+    _write_part(records, columns, out, fmt)
+    return out
+
+
+def _index_identity(index: TracinIndex) -> dict[str, Any]:
+    a = index.info()
+    return {k: a.get(k) for k in ("triples_sha256", "checkpoints", "tracked", "loss", "projection", "sample", "num_rows")}
+
+
+def write_scores(
+    index: TracinIndex,
+    test: Any,
+    out: str | os.PathLike[str],
+    settings: ScoreSettings,
+    *,
+    batch_size: int = 64,
+    test_index: np.ndarray | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Score every test triple into ``out`` (one row per test triple, kind and rank), restartably.
+
+    ``test``: what :meth:`TracinIndex.parse` accepts. ``test_index (M,)``: the position reported for
+    each test triple (default ``0..M-1``). ``progress(done, total)`` counts test triples, including
+    those already done by an earlier, killed run.
+    """
+    out = Path(out)
+    fmt = _check_out(out, overwrite)
+    triples = index.parse(test)
+    positions = np.arange(len(triples)) if test_index is None else np.asarray(test_index, dtype=np.int64)
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size} must be at least 1")
+    manifest = {
+        "schema": 1, "format": fmt, "batch_size": batch_size, "settings": settings.to_dict(),
+        "index": _index_identity(index), "test_sha256": triples_fingerprint(triples),
+        "test_index_sha256": triples_fingerprint(torch.from_numpy(positions.reshape(-1, 1))),
+    }
+    parts_dir = out.with_name(f".{out.name}.parts")
+    manifest_path = parts_dir / MANIFEST
+    if parts_dir.exists():
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != json.loads(json.dumps(manifest)):
+            if log is not None:
+                log(f"discarding the partial results in {parts_dir}: they were made with other settings or inputs")
+            shutil.rmtree(parts_dir)
+    if not parts_dir.exists():
+        staging = parts_dir.with_name(parts_dir.name + f".new-{os.getpid()}")
+        staging.mkdir(parents=True)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.replace(staging, parts_dir)
+    columns = list(TEST_COLUMNS + TRAIN_COLUMNS)
+    ext = out.suffix.lower()
+    n_batches = (len(triples) + batch_size - 1) // batch_size
+    paths = [parts_dir / f"part-{b:06d}{ext}" for b in range(n_batches)]
+    done = sum(min(batch_size, len(triples) - b * batch_size) for b, p in enumerate(paths) if p.exists())
+    if done and log is not None:
+        log(f"resuming: {done:,} of {len(triples):,} test triples already scored in {parts_dir}")
+    if progress is not None:
+        progress(done, len(triples))
+    for b, path in enumerate(paths):
+        if path.exists():
+            continue
+        lo, hi = b * batch_size, min(len(triples), (b + 1) * batch_size)
+        with torch.no_grad():
+            results = index.score_batch(triples[lo:hi], settings)
+        records = [rec for m, res in enumerate(results) for rec in res.records(int(positions[lo + m]))]
+        _write_part(records, columns, path, fmt)
+        done += hi - lo
+        if progress is not None:
+            progress(done, len(triples))
+    _join(paths, columns, out, fmt)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return out
