@@ -5,10 +5,11 @@ Runs the real command line, as a user would:
     python pipelines/demo.py [--out demo-out] [--epochs 40]
 
 1. ``pipeline(model="ConvE", dataset="Nations", ...)`` with LCWA + BCE and inverse triples (ConvE's
-   usual setting), saving the model state and learning rate at two epochs (TracInCP checkpoints), then
-   ``save_to_directory``;
-2. ``tracin-index build`` over both checkpoints (last two layers, TensorSketch k=1024);
-3. ``tracin-index info`` and ``tracin-index query`` for three test triples (a table, then JSON).
+   usual setting); the ``TracinCheckpoint`` callback saves the model state and the learning rate in
+   force at two epochs (TracInCP checkpoints); then ``save_to_directory``;
+2. ``tracin-index build --checkpoints DIR`` over both checkpoints (last two layers, TensorSketch k=1024);
+3. ``tracin-index info`` and ``tracin-index query`` for three test triples (a table, then JSON);
+4. ``tracin-index score`` of the whole test set into Parquet, and ``tracin-index self-influence``.
 """
 
 from __future__ import annotations
@@ -21,26 +22,17 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 
 
-def train(out: Path, epochs: int) -> tuple[Path, list[tuple[Path, float]], list[str]]:
+def train(out: Path, epochs: int) -> tuple[Path, Path, list[str]]:
     from pykeen.pipeline import pipeline
-    from pykeen.training.callbacks import TrainingCallback
+
+    from tracin_index.callbacks import TracinCheckpoint
 
     ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    saved: list[tuple[Path, float]] = []
-    keep = {epochs // 2, epochs}
-
-    class SaveState(TrainingCallback):
-        def post_epoch(self, epoch: int, epoch_loss: float, **kwargs: Any) -> None:
-            if epoch in keep:
-                path = ckpt_dir / f"epoch_{epoch:03d}.pt"
-                torch.save(self.model.state_dict(), path)
-                saved.append((path, float(self.optimizer.param_groups[0]["lr"])))
+    save = TracinCheckpoint(ckpt_dir, epochs=[epochs // 2, epochs])
 
     result = pipeline(
         dataset="Nations",
@@ -53,7 +45,7 @@ def train(out: Path, epochs: int) -> tuple[Path, list[tuple[Path, float]], list[
         optimizer_kwargs={"lr": 0.003},
         lr_scheduler="ExponentialLR",
         lr_scheduler_kwargs={"gamma": 0.97},
-        training_kwargs={"num_epochs": epochs, "batch_size": 128, "callbacks": [SaveState()], "use_tqdm": False},
+        training_kwargs={"num_epochs": epochs, "batch_size": 128, "callbacks": [save], "use_tqdm": False},
         evaluation_kwargs={"batch_size": 256},
         random_seed=0,
         device="cpu",
@@ -68,7 +60,7 @@ def train(out: Path, epochs: int) -> tuple[Path, list[tuple[Path, float]], list[
     testing = Nations(create_inverse_triples=True).testing
     ent, rel = testing.entity_id_to_label, testing.relation_id_to_label
     labels = [f"{ent[h]}\t{rel[r]}\t{ent[t]}" for h, r, t in testing.mapped_triples[:3].tolist()]
-    return model_dir, saved, labels
+    return model_dir, ckpt_dir, labels
 
 
 def run(*args: str) -> None:
@@ -89,23 +81,30 @@ def main() -> None:
 
     started = time.perf_counter()
     shutil.rmtree(args.out, ignore_errors=True)
-    model_dir, checkpoints, tests = train(args.out, args.epochs)
+    model_dir, ckpt_dir, tests = train(args.out, args.epochs)
     t_train = time.perf_counter() - started
 
     index = args.out / "index"
-    build: list[str] = ["build", "--model", str(model_dir), "--out", str(index), "--layers", "last:2"]
-    for path, lr in checkpoints:
-        build += ["--checkpoint", str(path), "--lr", repr(lr)]
     t0 = time.perf_counter()
-    run(*build)
+    run("build", "--model", str(model_dir), "--checkpoints", str(ckpt_dir), "--out", str(index), "--layers", "last:2")
     t_build = time.perf_counter() - t0
     run("info", str(index))
     t0 = time.perf_counter()
     run("query", str(index), *[a for t in tests[:2] for a in ("--triple", t)], "--top-k", "5")
     t_query = time.perf_counter() - t0
     run("query", str(index), "--triple", tests[2], "--top-k", "3", "--json")
+    run("query", str(index), "--triple", tests[0], "--top-k", "3", "--mode", "cosine", "--neighbourhood")
+    t0 = time.perf_counter()
+    run("score", str(index), "--test", "pykeen:nations", "--top-k", "10", "--out", str(args.out / "scores.parquet"))
+    t_score = time.perf_counter() - t0
+    import pandas as pd
+
+    frame = pd.read_parquet(args.out / "scores.parquet")
+    print(f"{len(frame):,} rows, columns: {', '.join(frame.columns)}")
+    run("self-influence", str(index), "--top", "5")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s "
-          f"(training {t_train:.0f} s, build {t_build:.1f} s, query of 2 triples {t_query:.1f} s incl. start-up)")
+          f"(training {t_train:.0f} s, build {t_build:.1f} s, query of 2 triples {t_query:.1f} s, "
+          f"scoring the {len(set(frame['test_index'])):,}-triple test set {t_score:.1f} s, each incl. start-up)")
 
 
 if __name__ == "__main__":

@@ -6,21 +6,43 @@ Public API::
     build_index(bundle, "idx", config=BuildConfig(layers="last:2"))
     index = open_index("idx")
     [result] = index.query("brazil intergovorgs usa", k=10)    # QueryResult(proponents, opponents)
+    index.score("pykeen:nations", k=10).to_frame()             # bulk, one row per (test, kind, rank)
+    index.self_influence(top=20)                               # suspicious training triples
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .build import BuildConfig, build_index
+from .build import BuildConfig, build_index, sample_rows
 from .errors import IndexMismatchError, InputError, StoreError, TracinError
 from .losses import LOSSES
 from .model import ModelBundle, load_model
 from .projection import PROJECTIONS, ProjectionSpec
-from .query import Influence, QueryResult, TracinIndex, open_index
+from .query import (
+    MODES,
+    AggregateResult,
+    Influence,
+    QueryResult,
+    Ranking,
+    Results,
+    ScoreSettings,
+    TracinIndex,
+    open_index,
+    self_influence_ranking,
+)
+from .results import write_scores
 
 __all__ = [
     "LOSSES",
+    "MODES",
+    "AggregateResult",
+    "Ranking",
+    "Results",
+    "ScoreSettings",
+    "sample_rows",
+    "self_influence_ranking",
+    "write_scores",
     "PROJECTIONS",
     "BuildConfig",
     "Influence",
@@ -37,3 +59,12 @@ __all__ = [
     "load_model",
     "open_index",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The training callback imports pykeen.training (about 2 s): load it only when asked for.
+    if name in ("TracinCheckpoint", "find_checkpoints"):
+        from . import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module 'tracin_index' has no attribute {name!r}")
