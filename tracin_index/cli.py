@@ -545,6 +545,10 @@ def info(index: Path, as_json: bool) -> None:
     click.echo(f"model:        {attrs['model_class']} from {attrs['model_source']['path']}"
                f"{'  (inverse triples)' if attrs['inverse_triples'] else ''}")
     click.echo(f"rows:         {attrs['num_rows']:,} training triples x {attrs['width']} {attrs['dtype']}")
+    sample = attrs.get("sample", {})
+    if sample.get("rate", 1.0) < 1.0:
+        click.echo(f"sample:       {sample['rate']:g} of {attrs['num_train']:,} training triples, stratified by "
+                   f"{sample['stratify']}, seed {sample['seed']}")
     click.echo(f"loss:         {attrs['loss']}")
     click.echo(f"projection:   {proj['kind']}  dim={proj['dim']}  seed={proj['seed']}")
     click.echo("checkpoints:")
