@@ -259,6 +259,12 @@ def test_cli_score_self_influence_and_frames(index: TracinIndex, nations_index: 
     assert res.exit_code == 0, res.output
     stored = np.asarray(index.store.array("self_influence")[:], dtype=np.float64)
     assert [x["train_index"] for x in json.loads(res.output)] == np.argsort(-stored, kind="stable")[:5].tolist()
+    every = tmp_path / "all.jsonl"
+    res = runner.invoke(main, ["self-influence", str(nations_index), "--out", str(every)])  # no --top: all rows written
+    assert res.exit_code == 0, res.output
+    assert len(every.read_text().splitlines()) == index.num_rows and "more (--top N" in res.output
+    assert [json.loads(x)["train_index"] for x in every.read_text().splitlines()][:5] == \
+        np.argsort(-stored, kind="stable")[:5].tolist()
     ranking = index.self_influence()
     assert len(ranking) == index.num_rows and ranking.to_frame()["influence"].is_monotonic_decreasing
     frame = index.query(["brazil embassy uk", "usa intergovorgs uk"], k=3).to_frame()

@@ -174,27 +174,24 @@ def _format_items(title: str, items: list[Any], exact: bool) -> list[str]:
     return lines
 
 
-def _format_table(result: Any) -> str:
-    t = result.test
-    mode = "" if result.mode == "dot" else f"  [{result.mode}]"
-    lines = [f"test: {t['head']}  {t['relation']}  {t['tail']}{mode}"]
+def _format_lists(header: str, result: Any) -> str:
+    """A header line, then the result's lists (``top`` in abs mode, else proponents and opponents)."""
+    lines = [header + ("" if result.mode == "dot" else f"  [{result.mode}]")]
     if result.mode == "abs":
         lines += _format_items("largest |influence|", result.top, result.exact)
     else:
         lines += _format_items("proponents", result.proponents, result.exact)
         lines += _format_items("opponents", result.opponents, result.exact)
     return "\n".join(lines)
+
+
+def _format_table(result: Any) -> str:
+    t = result.test
+    return _format_lists(f"test: {t['head']}  {t['relation']}  {t['tail']}", result)
 
 
 def _format_aggregate(result: Any) -> str:
-    lines = [f"influence summed over {result.num_test:,} test triples"
-             + ("" if result.mode == "dot" else f"  [{result.mode}]")]
-    if result.mode == "abs":
-        lines += _format_items("largest |influence|", result.top, result.exact)
-    else:
-        lines += _format_items("proponents", result.proponents, result.exact)
-        lines += _format_items("opponents", result.opponents, result.exact)
-    return "\n".join(lines)
+    return _format_lists(f"influence summed over {result.num_test:,} test triples", result)
 
 
 def _index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -359,27 +356,31 @@ def score(index: Path, test: str, out: Path, top_k: int, mode: str, relation: tu
 
 @main.command("self-influence")
 @click.argument("index", type=PATH)
-@click.option("--top", type=int, default=20, show_default=True, help="How many training triples to list.")
+@click.option("--top", type=int, default=None, help="How many to list (default: 20 shown, all written to --out).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--out", type=PATH, default=None, help="Also write the ranking (all rows unless --top) to .parquet/.jsonl.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @_user_errors
-def self_influence(index: Path, top: int, as_json: bool, out: Path | None, overwrite: bool) -> None:
+def self_influence(index: Path, top: int | None, as_json: bool, out: Path | None, overwrite: bool) -> None:
     """Training triples of INDEX ranked by exact self-influence (suspicious or hard triples first)."""
     from dataclasses import asdict
 
-    from .query import self_influence_ranking
-    from .results import write_records
+    from .query import TRAIN_COLUMNS, self_influence_ranking
+    from .results import output_format, write_records
 
+    if out is not None:
+        output_format(out)
     ranking = self_influence_ranking(index, top)
     if out is not None:
-        write_records([{"kind": "self", **asdict(i)} for i in ranking], ["kind", "rank", "train_index", "head",
-                      "relation", "tail", "head_id", "relation_id", "tail_id", "influence"], out, overwrite=overwrite)
+        write_records([{"kind": "self", **asdict(i)} for i in ranking], list(TRAIN_COLUMNS), out, overwrite=overwrite)
+    shown = ranking if top is not None else ranking[:20]
     if as_json:
-        click.echo(json.dumps([asdict(i) for i in ranking], indent=2))
+        click.echo(json.dumps([asdict(i) for i in shown], indent=2))
     else:
-        lines = _format_items("largest self-influence", list(ranking), True)
+        lines = _format_items("largest self-influence", list(shown), True)
         click.echo("\n".join(lines[1:]))
+        if len(shown) < len(ranking):
+            click.echo(f"  ... {len(ranking) - len(shown):,} more (--top N, or --out FILE for all)")
 
 
 class _ArgparseStyle(click.Command):

@@ -96,6 +96,10 @@ def _lists(result: QueryResult | AggregateResult) -> list[tuple[str, list[Influe
     return [("proponent", result.proponents), ("opponent", result.opponents)]
 
 
+def _lists_dict(result: QueryResult | AggregateResult) -> dict[str, Any]:
+    return {("top" if kind == "top" else kind + "s"): [asdict(i) for i in items] for kind, items in _lists(result)}
+
+
 def _train_record(kind: str, item: Influence) -> dict[str, Any]:
     return {"kind": kind, **asdict(item)}
 
@@ -118,10 +122,7 @@ class QueryResult:
     exact: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"test": self.test, "mode": self.mode}
-        for kind, items in _lists(self):
-            out["top" if kind == "top" else kind + "s"] = [asdict(i) for i in items]
-        return out
+        return {"test": self.test, "mode": self.mode, **_lists_dict(self)}
 
     def records(self, test_index: int = 0) -> list[dict[str, Any]]:
         """One flat row per (kind, rank): the bulk output schema (see the README)."""
@@ -157,10 +158,7 @@ class AggregateResult:
     exact: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mode": self.mode, "num_test": self.num_test}
-        for kind, items in _lists(self):
-            out["top" if kind == "top" else kind + "s"] = [asdict(i) for i in items]
-        return out
+        return {"mode": self.mode, "num_test": self.num_test, **_lists_dict(self)}
 
     def records(self) -> list[dict[str, Any]]:
         return [{"mode": self.mode, **_train_record(kind, i)} for kind, items in _lists(self) for i in items]
