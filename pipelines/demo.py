@@ -31,6 +31,8 @@ def train(out: Path, epochs: int) -> tuple[Path, Path, list[str]]:
 
     from tracin_index.callbacks import TracinCheckpoint
 
+    logging.getLogger("pykeen").setLevel(logging.ERROR)  # importing pykeen.training resets it to INFO
+    logging.getLogger("torch_max_mem").setLevel(logging.ERROR)
     ckpt_dir = out / "checkpoints"
     save = TracinCheckpoint(ckpt_dir, epochs=[epochs // 2, epochs])
 
@@ -46,7 +48,7 @@ def train(out: Path, epochs: int) -> tuple[Path, Path, list[str]]:
         lr_scheduler="ExponentialLR",
         lr_scheduler_kwargs={"gamma": 0.97},
         training_kwargs={"num_epochs": epochs, "batch_size": 128, "callbacks": [save], "use_tqdm": False},
-        evaluation_kwargs={"batch_size": 256},
+        evaluation_kwargs={"batch_size": 256, "use_tqdm": False},
         random_seed=0,
         device="cpu",
     )
