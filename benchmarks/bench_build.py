@@ -80,7 +80,7 @@ def main() -> None:
         store = build_index(bundle, root / "idx", config=config)
         total = time.perf_counter() - started
         rows.append((f"build, sparse k={args.dim}: gradients + projection + Zarr", store.attrs["timings"]["gradients_s"]))
-        rows.append((f"build, sparse k={args.dim}: total (incl. FAISS, load, publish)", total))
+        rows.append((f"build, sparse k={args.dim}: total (incl. load, verify, publish)", total))
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
     print(f"workload: synthetic FB15k-237-shaped KG, {n:,} training triples, ConvE d=200 (inverse triples), "

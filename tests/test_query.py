@@ -92,10 +92,10 @@ def test_changed_checkpoint_is_refused(conve_inverse: Trained, tmp_path: Path) -
     with pytest.raises(IndexMismatchError, match="projection"):
         open_index(out, projection=ProjectionSpec("gaussian", 64))
     res = CliRunner().invoke(main, ["build", "--model", str(conve_inverse.directory), "--out", str(out)])
-    assert res.exit_code == 2 and "already exists; pass --overwrite" in res.output
+    assert res.exit_code == 0 and "is up to date" in res.output  # same inputs and settings: nothing to do
     res = CliRunner().invoke(main, ["build", "--model", str(conve_inverse.directory), "--out", str(tmp_path / "x"), "--dim", "0"])
     assert res.exit_code == 2 and "--dim 0 is out of range" in res.output and not (tmp_path / "x").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.building")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x")]
 
 
 def test_model_file_state_dict_and_label_tsv_inputs(conve_inverse: Trained, tmp_path: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import errno
+import hashlib
+import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,9 +21,9 @@ from .losses import DEFAULT_LOSS
 from .model import ModelBundle, load_checkpoints, select_parameters, triples_fingerprint
 from .projection import DEFAULT_MEMORY, ProjectionSpec
 from .runtime import resolve_device
-from .search import build_flat_index, save_index
-from .store import Store, publish
+from .store import BUILDS, LOCK, SCHEMA_VERSION, BuildLock, Store, builds, latest_build, publish, remove_build
 from .tracer import Tracer
+from .verify import verify_rows
 
 __all__ = ["BuildConfig", "build_index", "sample_rows", "software_versions"]
 
@@ -43,6 +46,11 @@ class BuildConfig:
     sample_seed: int = 0
 
     def check(self) -> None:
+        self.projection.check()
+        from .losses import LOSSES
+
+        if self.loss not in LOSSES:
+            raise InputError(f"--loss {self.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
         if not (0.0 < self.sample_rate <= 1.0):
             raise InputError(f"--sample-rate {self.sample_rate} is out of range; choose a fraction in (0, 1]")
         if self.stratify not in STRATIFY:
@@ -91,10 +99,16 @@ def _check_out(out: Path, bundle: ModelBundle, checkpoints: list[tuple[str, floa
     target = out.resolve()
     for p in inputs:
         src = p.resolve()
-        if target == src or target in src.parents:
-            raise InputError(f"output {out} would overwrite the input {p}; choose another --out")
-    if out.exists() and not (out / "zarr.json").exists():
-        raise InputError(f"{out} exists and is not a tracin-index store; choose another --out")
+        if target == src or target in src.parents or src in target.parents:
+            raise InputError(f"output {out} would overwrite or nest inside the input {p}; choose another --out")
+    if (out / "zarr.json").exists():
+        raise InputError(f"{out} is a single build, not an index directory; choose a new --out (builds go to OUT/builds/)")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not ((out / BUILDS).is_dir() or (out / LOCK).exists()))):
+        raise InputError(f"{out} exists and is not a tracin-index index; choose another --out")
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def build_index(
@@ -103,21 +117,38 @@ def build_index(
     *,
     checkpoints: list[tuple[str, float]] | None = None,
     config: BuildConfig | None = None,
-    overwrite: bool = False,
+    force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    lock: BuildLock | None = None,
 ) -> Store:
-    """Build an index of every training triple of ``bundle`` at ``out``; returns the published store.
+    """Build (or resume, or skip) the index of ``bundle``'s training triples at ``out``; returns the published store.
 
-    The build goes to a staging directory beside ``out`` and is renamed into place only when complete,
-    so ``out`` is never half-written.
+    ``out`` is an index directory: each build is written to ``out/builds/<UTC time>-<settings hash>``,
+    verified, and published by replacing ``out/LATEST`` in one atomic step, so readers keep serving the
+    previous build until then. One builder per index (``out/.lock``). When the published build has the
+    same inputs and settings, nothing is done (``force`` rebuilds). An unfinished build with the same
+    inputs and settings (killed, out of space) is resumed from its finished write units, and ends
+    byte-identical to an uninterrupted build. ``store.build_report`` says which of these happened.
     """
     config = config or BuildConfig()
     config.check()
     out = Path(out)
+    say = log or (lambda _msg: None)
     checkpoints = checkpoints or []
     _check_out(out, bundle, checkpoints)
-    if out.exists() and not overwrite:
-        raise StoreError(f"{out} already exists; pass --overwrite to replace it")
+    held = lock or BuildLock(out).acquire()
+    try:
+        if held.took_over:
+            say(f"took over the lock of a build that is no longer running ({held.took_over})")
+        return _build_locked(bundle, out, checkpoints, config, force, progress, say)
+    finally:
+        if lock is None:
+            held.release()
+
+
+def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, float]], config: BuildConfig, force: bool,
+                  progress: Callable[[int, int], None] | None, say: Callable[[str], None]) -> Store:
     device = resolve_device(config.device)
     ckpts = load_checkpoints(bundle.model, checkpoints)
     all_triples = bundle.triples.mapped
@@ -129,11 +160,10 @@ def build_index(
     tracer = Tracer(bundle, ckpts, names, config.loss, config.projection, device, config.projection_memory)
     dtype = "float32" if config.projection.kind == "none" else "float16"
 
-    attrs: dict[str, Any] = {
-        "model_source": bundle.source,
+    identity: dict[str, Any] = {
         "model_class": type(bundle.model).__name__,
         "inverse_triples": bool(getattr(bundle.model, "use_inverse_triples", False)),
-        "checkpoints": [{"name": c.name, "lr": c.lr, "sha256": c.fingerprint} for c in ckpts],
+        "checkpoints": [{"lr": c.lr, "sha256": c.fingerprint} for c in ckpts],
         "triples_sha256": triples_fingerprint(all_triples),
         "num_train": int(all_triples.shape[0]),
         "sample": {"rate": config.sample_rate, "stratify": config.stratify, "seed": config.sample_seed},
@@ -142,39 +172,107 @@ def build_index(
         "loss": config.loss,
         "projection": config.projection.to_dict(),
         "dtype": dtype,
-        "build": {"batch_size": config.batch_size, "device": str(device)},
+        "schema_version": SCHEMA_VERSION,
+    }
+    identity_sha = _digest(identity)
+    layout = {"batch_size": config.batch_size, "unit_rows": config.unit_rows, "device": str(device)}
+    resume_sha = _digest({"identity": identity_sha, **layout})
+
+    current = latest_build(out)
+    if current is not None and not force:
+        try:
+            published = Store.open(current)
+            same = published.attrs.get("identity_sha256") == identity_sha
+            damage = verify_rows(published) if same else []
+        except StoreError as exc:
+            same, damage = True, [str(exc)]
+        if same and damage:
+            say(f"the published build {current.name} is damaged ({damage[0]}); rebuilding")
+        elif same:
+            say(f"{out} is up to date (build {current.name} has the same model, checkpoints, triples and settings); "
+                "nothing to do (--force rebuilds)")
+            published.build_report = {"skipped": True, "resumed_units": 0, "computed_units": 0, "build": current.name}
+            return published
+
+    attrs: dict[str, Any] = {
+        **identity,
+        "identity_sha256": identity_sha,
+        "resume_sha256": resume_sha,
+        "model_source": bundle.source,
+        "checkpoints": [{"name": c.name, "lr": c.lr, "sha256": c.fingerprint} for c in ckpts],
+        "build": layout,
         "software": software_versions(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    store = None
+    for candidate in reversed(builds(out)):
+        if candidate == current:
+            continue
+        try:
+            s = Store.open(candidate, complete=False)
+        except StoreError:
+            continue
+        if s.attrs.get("status") == "building" and s.attrs.get("resume_sha256") == resume_sha:
+            store = s
+            break
+    if store is None:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")  # names sort by start time
+        path = out / BUILDS / f"{stamp}-{identity_sha[:8]}"
+        path.parent.mkdir(parents=True, exist_ok=True)
         store = Store.create(
-            staging, triples=triples.numpy(), train_index=keep, entity_labels=bundle.triples.entity_labels,
+            path, triples=triples.numpy(), train_index=keep, entity_labels=bundle.triples.entity_labels,
             relation_labels=bundle.triples.relation_labels, width=tracer.width,
             num_checkpoints=len(ckpts), unit_rows=config.unit_rows, dtype=dtype, attrs=attrs,
         )
-        started = time.perf_counter()
-        units = int(store.attrs["num_units"])
-        for u in range(units):
-            start, stop = store.unit_range(u)
-            with torch.no_grad():
-                r = tracer.rows(triples[start:stop], batch_size=config.batch_size)
-            store.write_unit(
-                u,
-                r.rows.cpu().numpy().astype(dtype),
-                tracer.self_influence(r.sq_norms).cpu().numpy().astype(np.float32),
-                r.sq_norms.sqrt().cpu().numpy().astype(np.float32),
-            )
-            if progress is not None:
-                progress(stop, store.num_rows)
-        grad_seconds = time.perf_counter() - started
-        index = build_flat_index(store)
-        save_index(index, store.faiss_path)
-        store.set_attrs(status="complete", timings={"gradients_s": round(grad_seconds, 3),
-                                                    "total_s": round(time.perf_counter() - started, 3)})
-        publish(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        resumed = 0
+    else:
+        resumed = int(store.done().sum())
+        say(f"resuming build {store.path.name}: {resumed} of {store.attrs['num_units']} write units are done")
+    try:
+        computed = _write_units(store, tracer, triples, config, dtype, progress)
+        problems = verify_rows(store)
+        if problems:
+            raise StoreError(f"build {store.path} failed its verification: {problems[0]}; run the build again")
+        store.set_attrs(status="complete")
+        publish(out, store.path)
+    except InputError:
+        remove_build(store.path)  # bad input (e.g. diverged gradients): nothing worth resuming
         raise
-    return Store.open(out)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StoreError(f"no space left on the device writing {store.path}; free space and run the same command "
+                             "again (the build resumes from its finished units)") from None
+        raise
+    published = Store.open(out)
+    published.build_report = {"skipped": False, "resumed_units": resumed, "computed_units": computed,
+                              "build": store.path.name}
+    return published
+
+
+def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: BuildConfig, dtype: str,
+                 progress: Callable[[int, int], None] | None) -> int:
+    """Compute and write every unit whose done flag is not set (rows first, then the flag)."""
+    done = store.done()
+    started = time.perf_counter()
+    computed = 0
+    rows_done = 0
+    for u in np.flatnonzero(done).tolist():
+        lo, hi = store.unit_range(u)
+        rows_done += hi - lo
+    if progress is not None:
+        progress(rows_done, store.num_rows)
+    for u in np.flatnonzero(~done).tolist():
+        start, stop = store.unit_range(int(u))
+        with torch.no_grad():
+            r = tracer.rows(triples[start:stop], batch_size=config.batch_size)
+        store.write_unit(
+            int(u),
+            r.rows.cpu().numpy().astype(dtype),
+            tracer.self_influence(r.sq_norms).cpu().numpy().astype(np.float32),
+            r.sq_norms.sqrt().cpu().numpy().astype(np.float32),
+        )
+        computed += 1
+        rows_done += stop - start
+        if progress is not None:
+            progress(rows_done, store.num_rows)
+    store.set_attrs(timings={"gradients_s": round(time.perf_counter() - started, 3), "units_computed": computed})
+    return computed

@@ -126,41 +126,55 @@ def main() -> None:
 @click.option("--stratify", type=click.Choice(["relation", "none"]), default="relation", show_default=True,
               help="relation: sample each relation at --sample-rate (every relation kept); none: uniformly.")
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the sample.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing index at --out.")
+@click.option("--unit-rows", type=int, default=8192, show_default=True,
+              help="Rows per write unit (the unit a killed build resumes from).")
+@click.option("--force", is_flag=True, help="Rebuild even when the published build has the same inputs and settings.")
 @_threads_option
 @_user_errors
 def build(model: Path, model_class: str | None, model_kwargs: str | None, inverse_triples: bool | None,
           triples: Path | None, entity_to_id: Path | None, relation_to_id: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: Path, layers: str,
           loss: str, projection: str, dim: int, seed: int, batch_size: int, device: str, sample_rate: float,
-          stratify: str, sample_seed: int, overwrite: bool, threads: int | None) -> None:
-    """Index the gradients of every training triple of MODEL."""
+          stratify: str, sample_seed: int, unit_rows: int, force: bool, threads: int | None) -> None:
+    """Index the gradients of every training triple of MODEL into the index directory OUT.
+
+    Each build goes to OUT/builds/ and is published (OUT/LATEST) only when complete and verified; a
+    killed build resumes when the same command runs again; an unchanged model is not rebuilt.
+    """
     from .build import BuildConfig
     from .projection import ProjectionSpec
     from .runtime import configure_threads
+    from .store import BuildLock
 
     configure_threads(threads)
     started = time.perf_counter()
-    bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
     config = BuildConfig(layers=layers, loss=loss, projection=ProjectionSpec(projection, dim, seed),
                          batch_size=batch_size, device=device, sample_rate=sample_rate, stratify=stratify,
-                         sample_seed=sample_seed)
-    specs = _checkpoints(checkpoint, lr, checkpoint_dir)
-    _build(bundle, out, specs, config, overwrite, started)
+                         sample_seed=sample_seed, unit_rows=unit_rows)
+    config.check()
+    with BuildLock(out) as lock:  # before loading anything: a second builder fails fast
+        bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
+        specs = _checkpoints(checkpoint, lr, checkpoint_dir)
+        _build(bundle, out, specs, config, force, started, lock)
 
 
-def _build(bundle: Any, out: Path, specs: list[tuple[str, float]], config: Any, overwrite: bool, started: float) -> None:
+def _build(bundle: Any, out: Path, specs: list[tuple[str, float]], config: Any, force: bool, started: float,
+           lock: Any = None) -> Any:
     from .build import build_index, sample_rows
 
     config.check()
     n = len(sample_rows(bundle.triples.mapped, config.sample_rate, config.stratify, config.sample_seed))
     with _bar(n, "indexing") as progress:
-        store = build_index(bundle, out, checkpoints=specs, config=config, overwrite=overwrite, progress=progress)
+        store = build_index(bundle, out, checkpoints=specs, config=config, force=force, progress=progress, lock=lock,
+                            log=lambda msg: click.echo(msg, err=True))
+    if store.build_report and store.build_report["skipped"]:
+        return store
     attrs = store.attrs
     total = attrs["num_train"]
     sampled = "" if n == total else f" (a {config.stratify}-stratified sample of {total:,})"
     click.echo(f"indexed {n:,} training triples{sampled} x {len(attrs['checkpoints'])} checkpoint(s) into {out} "
                f"({attrs['width']} numbers per row, {time.perf_counter() - started:.1f} s)")
+    return store
 
 
 def _format_items(title: str, items: list[Any], exact: bool) -> list[str]:
@@ -291,15 +305,22 @@ def _parse_indices(text: str | None, n: int) -> Any:
 
 @contextmanager
 def _bar(length: int, label: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on stderr fed with ``(done, total)`` calls."""
-    with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
-        seen = [0]
+    """A progress bar on stderr fed with ``(done, total)`` calls; shown from the first call on, so an
+    error before any work is the only line printed."""
+    state: dict[str, Any] = {"bar": None, "seen": 0}
 
-        def progress(done: int, _total: int) -> None:
-            bar.update(done - seen[0])
-            seen[0] = done
+    def progress(done: int, _total: int) -> None:
+        if state["bar"] is None:
+            bar: Any = click.progressbar(length=length, label=label, file=sys.stderr)
+            state["bar"] = bar.__enter__()
+        state["bar"].update(done - state["seen"])
+        state["seen"] = done
 
+    try:
         yield progress
+    finally:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
 
 
 @main.command()
@@ -484,7 +505,7 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
         tmp = Path(tempfile.mkdtemp(prefix="tracin-run-"))
         index = tmp / "index"
     try:
-        if not (index / "zarr.json").exists():
+        if not (index / "LATEST").exists():
             _build(bundle, index, specs, config, False, started)
         idx = open_index(index, model=bundle, checkpoints=specs, layers=layers, loss=loss,
                          projection=config.projection, device=device)
@@ -566,6 +587,66 @@ def info(index: Path, as_json: bool) -> None:
     click.echo(f"  {'total':<45} {'':<16} {total:>12,}")
     sw = attrs.get("software", {})
     click.echo("software:     " + ", ".join(f"{k} {v}" for k, v in sw.items()))
+
+
+@main.command()
+@click.argument("index", type=PATH)
+@click.option("--no-model", is_flag=True, help="Skip the checks against the recorded model, checkpoints and triples.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_user_errors
+def verify(index: Path, no_model: bool, as_json: bool) -> None:
+    """Check the published build of INDEX: every chunk's checksum, done flags, rows, values, fingerprints.
+
+    Exit code 0 when sound, 1 when something is wrong (each problem on its own line).
+    """
+    from .verify import describe
+    from .verify import verify as run_verify
+
+    report = run_verify(index, check_model=not no_model)
+    if as_json:
+        click.echo(json.dumps(describe(report), indent=2))
+    else:
+        for check in report.checks:
+            click.echo(f"ok: {check}")
+        for problem in report.problems:
+            click.echo(f"PROBLEM: {problem}", err=True)
+        click.echo(f"{report.build}: {'sound' if report.ok else f'{len(report.problems)} problem(s)'}")
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("index", type=PATH)
+@click.option("--keep", type=int, default=3, show_default=True, help="Complete builds to keep (the published one always).")
+@click.option("--incomplete", is_flag=True, help="Also remove unfinished builds (otherwise kept for resuming).")
+@click.option("--dry-run", is_flag=True, help="List what would be removed.")
+@_user_errors
+def gc(index: Path, keep: int, incomplete: bool, dry_run: bool) -> None:
+    """Remove old builds of INDEX, keeping the newest --keep complete ones and the published one."""
+    from .errors import InputError
+    from .store import BuildLock, Store, builds, latest_build, remove_build
+
+    if keep < 1:
+        raise InputError(f"--keep {keep} must be at least 1")
+    if not (index / "builds").is_dir():
+        raise InputError(f"{index} is not a tracin-index index (no builds/); check the path")
+    with BuildLock(index):  # never while a builder writes
+        current = latest_build(index)
+        complete: list[Path] = []
+        unfinished: list[Path] = []
+        for b in builds(index):
+            try:
+                status = Store.open(b, complete=False).attrs.get("status")
+            except TracinError:
+                status = None
+            (complete if status == "complete" else unfinished).append(b)
+        doomed = [b for b in complete[:-keep] if b != current] + (unfinished if incomplete else [])
+        for b in doomed:
+            click.echo(f"{'would remove' if dry_run else 'removing'} {b}")
+            if not dry_run:
+                remove_build(b)
+        kept = len(complete) + len(unfinished) - len(doomed)
+        click.echo(f"{len(doomed)} build(s) {'to remove' if dry_run else 'removed'}, {kept} kept "
+                   f"(published: {current.name if current else 'none'})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -110,7 +110,10 @@ def _read_tsv_rows(path: Path, what: str) -> list[list[str]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"{what} {path} is not UTF-8 text: {exc}") from exc
-    return [row for row in csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)]
+    try:
+        return [row for row in csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)]
+    except csv.Error as exc:
+        raise InputError(f"{what} {path} is not a tab-separated text file ({exc})") from None
 
 
 def _read_id_map(path: Path, what: str) -> dict[str, int]:

@@ -78,6 +78,15 @@ class ProjectionSpec:
     dim: int = 1024
     seed: int = 0
 
+    def check(self) -> None:
+        """Refuse an unknown kind, a dimension outside 1..65536 or a negative seed (one-line errors)."""
+        if self.kind not in PROJECTIONS:
+            raise InputError(f"unknown projection {self.kind!r}; choose one of {', '.join(PROJECTIONS)}")
+        if self.kind != "none" and not 1 <= self.dim <= 65536:
+            raise InputError(f"--dim {self.dim} is out of range; choose 1..65536 (1024 is the default)")
+        if self.seed < 0:
+            raise InputError(f"--seed {self.seed} must be a non-negative integer")
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if self.kind == "gaussian":
@@ -256,10 +265,5 @@ PROJECTIONS: dict[str, Callable[[ProjectionSpec, list[TrackedParam], torch.devic
 def make_projector(
     spec: ProjectionSpec, params: list[TrackedParam], device: torch.device, memory: int = DEFAULT_MEMORY
 ) -> Projector:
-    if spec.kind not in PROJECTIONS:
-        raise InputError(f"unknown projection {spec.kind!r}; choose one of {', '.join(PROJECTIONS)}")
-    if spec.kind != "none" and not 1 <= spec.dim <= 65536:
-        raise InputError(f"--dim {spec.dim} is out of range; choose 1..65536 (1024 is the default)")
-    if spec.seed < 0:
-        raise InputError(f"--seed {spec.seed} must be a non-negative integer")
+    spec.check()
     return PROJECTIONS[spec.kind](spec, params, device, memory)

@@ -33,7 +33,7 @@ from .model import (
 )
 from .projection import ProjectionSpec
 from .runtime import resolve_device
-from .search import flat_rows, load_index, scan, search
+from .search import build_flat_index, flat_rows, scan, search
 from .store import Store
 from .tracer import Tracer
 
@@ -225,11 +225,11 @@ class TracinIndex:
         self.store = store
         self.tracer = tracer
         self.labels = labels
-        self.triples = torch.from_numpy(np.asarray(store.array("triples")[:], dtype=np.int64))
-        self.train_index = np.asarray(store.array("train_index")[:], dtype=np.int64)
-        self._faiss = load_index(store.faiss_path)
+        self.triples = torch.from_numpy(store.read("triples").astype(np.int64))
+        self.train_index = store.read("train_index").astype(np.int64)
+        self._faiss = build_flat_index(store)  # from the rows, every chunk's checksum checked
         self._rows = flat_rows(self._faiss)
-        self._inv_norms: np.ndarray | None = None
+        self._inv_norms: np.ndarray | None = _reciprocal(store.read("norms").astype(np.float32))
 
     @property
     def num_rows(self) -> int:
@@ -340,7 +340,7 @@ class TracinIndex:
 
     def _row_scale(self) -> np.ndarray:
         if self._inv_norms is None:
-            self._inv_norms = _reciprocal(np.asarray(self.store.array("norms")[:], dtype=np.float32))
+            self._inv_norms = _reciprocal(self.store.read("norms").astype(np.float32))
         return self._inv_norms
 
     # ------------------------------------------------------------------ the engine
@@ -531,12 +531,12 @@ class TracinIndex:
 def self_influence_ranking(index: Store | str | os.PathLike[str], top: int | None = None) -> Ranking:
     """:meth:`TracinIndex.self_influence` from the store alone (no model needed: the values are stored)."""
     store = index if isinstance(index, Store) else Store.open(index)
-    values = np.asarray(store.array("self_influence")[:], dtype=np.float64)
+    values = store.read("self_influence").astype(np.float64)
     if top is not None and not 1 <= top <= len(values):
         raise InputError(f"--top {top} is out of range; choose 1..{len(values)} (the indexed training triples)")
-    train_index = np.asarray(store.array("train_index")[:], dtype=np.int64)
+    train_index = store.read("train_index").astype(np.int64)
     order = np.lexsort((train_index, -values))[:top]
-    triples = np.asarray(store.array("triples")[:], dtype=np.int64)[order]
+    triples = store.read("triples").astype(np.int64)[order]
     ent, rel = store.labels()
     return Ranking(
         Influence(rank=rank, train_index=int(train_index[i]), head=ent[h], relation=rel[r], tail=ent[t],

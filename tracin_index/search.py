@@ -11,7 +11,6 @@ Two engines over the same rows, both exact over the projected rows:
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -20,7 +19,7 @@ import torch
 
 from .store import Store
 
-__all__ = ["build_flat_index", "flat_rows", "load_index", "scan", "search"]
+__all__ = ["build_flat_index", "flat_rows", "scan", "search"]
 
 Mask = Callable[[int, int], torch.Tensor | None]
 
@@ -31,14 +30,6 @@ def build_flat_index(store: Store) -> faiss.Index:
     for _, rows in store.iter_rows():
         index.add(np.ascontiguousarray(rows))
     return index
-
-
-def save_index(index: faiss.Index, path: Path) -> None:
-    faiss.write_index(index, str(path))
-
-
-def load_index(path: Path) -> faiss.Index:
-    return faiss.read_index(str(path))
 
 
 def flat_rows(index: faiss.Index) -> np.ndarray:

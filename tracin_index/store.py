@@ -1,6 +1,13 @@
 """Stage 4: the Zarr v3 store; the only module that touches Zarr.
 
-Layout of one build (a directory)::
+An index (``IDX``) is a directory of dated builds and a pointer to the published one::
+
+    IDX/LATEST           name of the published build; replaced atomically (write, fsync, rename)
+    IDX/.lock            held (flock) by the one running builder; names its pid, host and start
+    IDX/builds/<name>/   one build each, <name> = UTC start time + settings hash
+
+Readers follow ``LATEST`` and only ever open a complete build; a build in progress (or a failed one)
+is a sibling they never see. Layout of one build::
 
     zarr.json            group attributes: schema, status, fingerprints, settings, versions
     grads/               (N, C*k) float16 (float32 for --projection none), row-chunked
@@ -10,17 +17,23 @@ Layout of one build (a directory)::
     self_influence/      (N,) float32, exact: sum_c lr_c ||g_c||^2
     norms/               (N, C) float32, exact ||g_c||
     done/                (U,) bool, one flag (one chunk) per write unit
-    faiss.index          FAISS IndexFlatIP over grads (written last)
+
+The FAISS flat index is built in memory from the rows when an index is opened (reading every chunk,
+so through its checksum); no second copy of the rows is kept on disk that could disagree with them.
 
 A write unit is ``unit_rows`` rows: one chunk of every per-row array. Its rows are written first, then
 its flag; completion is read from the flags, never from a chunk's existence. Every array carries a
-crc32c checksum per chunk.
+crc32c checksum per chunk; a mismatch is reported with the array, the chunk and its rows.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,10 +44,13 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 
 from .errors import StoreError
 
-__all__ = ["SCHEMA_VERSION", "Store", "publish"]
+__all__ = ["SCHEMA_VERSION", "BuildLock", "Store", "builds", "latest_build", "publish", "resolve"]
 
 SCHEMA_VERSION = 2
-FAISS_FILE = "faiss.index"
+LATEST = "LATEST"
+BUILDS = "builds"
+LOCK = ".lock"
+PER_ROW = ("grads", "triples", "train_index", "self_influence", "norms")
 
 
 def _arr(group: zarr.Group, name: str) -> Any:
@@ -52,6 +68,7 @@ class Store:
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path = path
         self.group = group
+        self.build_report: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ create / open
 
@@ -91,9 +108,8 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, complete: bool = True) -> Store:
-        p = Path(path)
-        if not (p / "zarr.json").exists():
-            raise StoreError(f"{p} is not a tracin-index store (no zarr.json); build one with 'tracin-index build'")
+        """Open an index (its published build, via ``LATEST``) or one build directory."""
+        p = resolve(path)
         try:
             group = zarr.open_group(str(p), mode="r+" if not complete else "r", zarr_format=3)
         except Exception as exc:
@@ -136,11 +152,32 @@ class Store:
     def done(self) -> np.ndarray:
         return np.asarray(self.array("done")[:], dtype=bool)
 
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of array ``name``; a checksum mismatch names the array, chunk and rows."""
+        arr = self.array(name)
+        stop = arr.shape[0] if stop is None else stop
+        try:
+            return np.asarray(arr[start:stop])
+        except ValueError as exc:
+            if "checksum" not in str(exc).lower():
+                raise
+        size = arr.chunks[0]
+        for c in range(start // size, max(start // size, (stop - 1) // size) + 1):
+            try:
+                arr[c * size : min(arr.shape[0], (c + 1) * size)]
+            except ValueError:
+                raise StoreError(
+                    f"{self.path}: array {name!r} chunk {c} (rows {c * size}-{min(arr.shape[0], (c + 1) * size) - 1}) "
+                    "is corrupt (crc32c mismatch); rebuild the index with 'tracin-index build --force'"
+                ) from None
+        raise StoreError(f"{self.path}: array {name!r} rows {start}-{stop - 1} could not be read; rebuild it")
+
     def iter_rows(self, block_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
-        """Stored rows as float32 blocks ``(start, (b, width))``."""
-        grads = self.array("grads")
-        for start in range(0, self.num_rows, block_rows):
-            yield start, np.asarray(grads[start : start + block_rows], dtype=np.float32)
+        """Stored rows as float32 blocks ``(start, (b, width))``, whole chunks at a time, checksums checked."""
+        size = int(self.attrs["unit_rows"])
+        block = max(size, block_rows // size * size)
+        for start in range(0, self.num_rows, block):
+            yield start, self.read("grads", start, min(self.num_rows, start + block)).astype(np.float32)
 
     def labels(self) -> tuple[list[str], list[str]]:
         return ([str(x) for x in self.array("entity_labels")[:]], [str(x) for x in self.array("relation_labels")[:]])
@@ -148,19 +185,128 @@ class Store:
     def set_attrs(self, **values: Any) -> None:
         self.group.attrs.update(values)
 
-    @property
-    def faiss_path(self) -> Path:
-        return self.path / FAISS_FILE
+
+# ---------------------------------------------------------------------------------------------- index home
 
 
-def publish(staging: Path, target: Path, overwrite: bool) -> None:
-    """Move a complete build from ``staging`` to ``target`` (a rename on the same filesystem)."""
-    if target.exists():
-        if not overwrite:
-            raise StoreError(f"{target} already exists; pass --overwrite to replace it")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """The build directory ``path`` names: itself if it is a build, else its published build."""
+    p = Path(path)
+    if (p / "zarr.json").exists():
+        return p
+    latest = p / LATEST
+    if latest.exists():
+        name = latest.read_text().strip()
+        build = p / BUILDS / name
+        if not (build / "zarr.json").exists():
+            raise StoreError(f"{p}: {LATEST} names build {name!r}, which is missing; run 'tracin-index build' again")
+        return build
+    if (p / BUILDS).is_dir():
+        raise StoreError(f"{p} has no published build yet (a first build is running or failed); run 'tracin-index build'")
+    if not p.exists():
+        raise StoreError(f"index {p} not found (check the path, or build one with 'tracin-index build')")
+    raise StoreError(f"{p} is not a tracin-index index (no {LATEST}, no zarr.json); build one with 'tracin-index build'")
+
+
+def latest_build(home: Path) -> Path | None:
+    """The published build of index ``home``, or None."""
+    latest = home / LATEST
+    if not latest.exists():
+        return None
+    build = home / BUILDS / latest.read_text().strip()
+    return build if (build / "zarr.json").exists() else None
+
+
+def builds(home: Path) -> list[Path]:
+    """Build directories of ``home``, oldest first (names start with their UTC start time)."""
+    d = home / BUILDS
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")) if d.is_dir() else []
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish(home: Path, build: Path) -> None:
+    """Make ``build`` (a complete build inside ``home``) the one readers open: one atomic rename."""
+    _write_atomic(home / LATEST, build.name + "\n")
+
+
+class BuildLock:
+    """One builder per index: an exclusive ``flock`` on ``IDX/.lock``, released when the process ends.
+
+    The file names the holder (pid, host, start time) for the message a second builder gets. A lock
+    file left by a dead process holds no flock, so it is simply taken over (and reported as such).
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.path = home / LOCK
+        self.fd: int | None = None
+        self.took_over: str | None = None
+        self.created = False
+
+    def acquire(self) -> BuildLock:
+        import fcntl
+
+        self.created = not self.home.exists()
+        self.home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise StoreError(f"{self.home} is being built by {self._holder()}; wait for it to finish "
+                             "(one builder per index)") from None
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if previous:
+            self.took_over = previous
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+            return f"pid {info['pid']} on host {info['host']} (started {info['started']})"
+        except (OSError, ValueError, KeyError):
+            return "another process"
+
+    def release(self) -> None:
+        """Unlock; an index directory this lock created and nothing else filled is removed again."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            if self.created and [p.name for p in self.home.iterdir()] == [LOCK]:
+                self.path.unlink(missing_ok=True)
+                self.home.rmdir()
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> BuildLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def remove_build(build: Path) -> None:
+    shutil.rmtree(build, ignore_errors=True)

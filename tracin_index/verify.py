@@ -1,0 +1,144 @@
+"""Integrity checks of a build: every chunk's checksum, done flags, row counts, values, fingerprints.
+
+``verify_rows`` needs only the store (the builder runs it before publishing); ``verify`` adds the
+checks against the model, checkpoints and training triples the store records.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StoreError, TracinError
+from .store import PER_ROW, Store, resolve
+
+__all__ = ["VerifyReport", "verify", "verify_rows"]
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` checked (``checks``) and what is wrong (``problems``; empty = the build is sound)."""
+
+    build: str
+    checks: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _read_all(store: Store, name: str, problems: list[str]) -> np.ndarray | None:
+    try:
+        return store.read(name)
+    except StoreError as exc:
+        problems.append(str(exc).split(": ", 1)[-1])
+        return None
+
+
+def verify_rows(store: Store) -> list[str]:
+    """Checks that need only the store; returns the problems found (empty = sound)."""
+    problems: list[str] = []
+    a = store.attrs
+    n = int(a.get("num_rows", -1))
+    for name in (*PER_ROW, "done", "entity_labels", "relation_labels"):
+        if name not in store.group:
+            problems.append(f"array {name!r} is missing")
+    if problems:
+        return problems
+    for name in PER_ROW:
+        if store.array(name).shape[0] != n:
+            problems.append(f"array {name!r} has {store.array(name).shape[0]} rows, the store says {n}")
+    data = {name: _read_all(store, name, problems) for name in (*PER_ROW, "done")}
+    done = data["done"]
+    if done is not None and not bool(np.all(done)):
+        problems.append(f"write units {np.flatnonzero(~done.astype(bool))[:5].tolist()} are not done")
+    grads = data["grads"]
+    if grads is not None and not bool(np.isfinite(grads).all()):
+        problems.append("array 'grads' holds NaN or infinite values")
+    ti = data["train_index"]
+    if ti is not None and len(ti) and (ti[0] < 0 or ti[-1] >= int(a.get("num_train", 0)) or bool(np.any(np.diff(ti) <= 0))):
+        problems.append("array 'train_index' is not increasing within the training triples")
+    triples = data["triples"]
+    num_e, num_r = store.array("entity_labels").shape[0], store.array("relation_labels").shape[0]
+    if triples is not None and len(triples):
+        if triples.min() < 0 or triples[:, [0, 2]].max() >= num_e or triples[:, 1].max() >= num_r:
+            problems.append("array 'triples' holds ids outside the label tables")
+    norms, si = data["norms"], data["self_influence"]
+    if norms is not None and si is not None:
+        lrs = np.array([c["lr"] for c in a.get("checkpoints", [])], dtype=np.float64)
+        if norms.shape[1] != len(lrs):
+            problems.append(f"array 'norms' has {norms.shape[1]} columns for {len(lrs)} checkpoints")
+        else:
+            expected = (norms.astype(np.float64) ** 2) @ lrs
+            if not np.allclose(si, expected, rtol=1e-3, atol=1e-12):
+                problems.append("array 'self_influence' disagrees with 'norms' and the learning rates")
+    if a.get("sample", {}).get("rate", 1.0) >= 1.0 and n != int(a.get("num_train", -1)):
+        problems.append(f"{n} rows for {a.get('num_train')} training triples (no sample was asked for)")
+    return problems
+
+
+def verify(path: str | os.PathLike[str], *, check_model: bool = True) -> VerifyReport:
+    """Verify the published build of index ``path`` (or one build directory).
+
+    Checks every chunk of every array against its crc32c, the done flags, the row counts against the
+    training triples, values (finite rows; self-influence = norms and learning rates), and with
+    ``check_model`` the recorded fingerprints of the model's training triples and of every checkpoint.
+    """
+    build = resolve(path)
+    report = VerifyReport(build=str(build))
+    try:
+        store = Store.open(build, complete=False)
+    except StoreError as exc:
+        report.problems.append(str(exc))
+        return report
+    a = store.attrs
+    if a.get("status") != "complete":
+        report.problems.append(f"status is {a.get('status')!r}, not 'complete'")
+    report.problems += verify_rows(store)
+    report.checks.append(f"{len(PER_ROW) + 3} arrays, every chunk's crc32c, {a.get('num_units')} done flags, "
+                         f"{a.get('num_rows')} rows")
+    if check_model:
+        report.problems += _check_fingerprints(store, report)
+    return report
+
+
+def _check_fingerprints(store: Store, report: VerifyReport) -> list[str]:
+    from .model import load_checkpoints, load_model, triples_fingerprint
+
+    a = store.attrs
+    src = a["model_source"]
+    problems: list[str] = []
+    try:
+        bundle = load_model(src["path"], model_class=src.get("model_class"), model_kwargs=src.get("model_kwargs"),
+                            triples=src.get("triples"), entity_to_id=src.get("entity_to_id"),
+                            relation_to_id=src.get("relation_to_id"), inverse_triples=src.get("inverse_triples"))
+    except TracinError as exc:
+        return [f"the recorded model cannot be loaded ({exc}); verify --no-model skips this check"]
+    mapped = bundle.triples.mapped
+    if triples_fingerprint(mapped) != a["triples_sha256"]:
+        problems.append("the model's training triples differ from the indexed ones (sha256)")
+    else:
+        ti = store.read("train_index")
+        if not np.array_equal(mapped.numpy()[ti], store.read("triples")):
+            problems.append("array 'triples' differs from the training triples at 'train_index'")
+        report.checks.append(f"training triples sha256 {a['triples_sha256'][:12]} and the stored rows")
+    recorded = a["checkpoints"]
+    specs = [] if recorded[0]["name"] == "model" else [(c["name"], c["lr"]) for c in recorded]
+    try:
+        ckpts = load_checkpoints(bundle.model, specs)
+    except TracinError as exc:
+        return [*problems, f"a recorded checkpoint cannot be loaded ({exc})"]
+    for c, rec in zip(ckpts, recorded, strict=True):
+        if c.fingerprint != rec["sha256"]:
+            problems.append(f"checkpoint {Path(c.name).name} differs from the indexed one (sha256)")
+    report.checks.append(f"{len(ckpts)} checkpoint fingerprint(s)")
+    return problems
+
+
+def describe(report: VerifyReport) -> dict[str, Any]:
+    return {"build": report.build, "ok": report.ok, "checks": report.checks, "problems": report.problems}
