@@ -91,7 +91,8 @@ def test_changed_checkpoint_is_refused(conve_inverse: Trained, tmp_path: Path) -
         open_index(out, checkpoints=[(str(changed), lr), conve_inverse.checkpoints[1]])
     with pytest.raises(IndexMismatchError, match="projection"):
         open_index(out, projection=ProjectionSpec("gaussian", 64))
-    res = CliRunner().invoke(main, ["build", "--model", str(conve_inverse.directory), "--out", str(out)])
+    same = [x for p, lr_ in conve_inverse.checkpoints for x in ("--checkpoint", p, "--lr", repr(lr_))]
+    res = CliRunner().invoke(main, ["build", "--model", str(conve_inverse.directory), "--out", str(out), "--dim", "64", *same])
     assert res.exit_code == 0 and "is up to date" in res.output  # same inputs and settings: nothing to do
     res = CliRunner().invoke(main, ["build", "--model", str(conve_inverse.directory), "--out", str(tmp_path / "x"), "--dim", "0"])
     assert res.exit_code == 2 and "--dim 0 is out of range" in res.output and not (tmp_path / "x").exists()
