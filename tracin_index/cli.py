@@ -561,9 +561,9 @@ def info(index: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(attrs, indent=2))
         return
-    size = sum(f.stat().st_size for f in Path(index).rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
     proj = attrs["projection"]
-    click.echo(f"index:        {index}  ({size / 2**20:.1f} MiB on disk, status {attrs['status']})")
+    click.echo(f"index:        {index}  (build {store.path.name}, {size / 2**20:.1f} MiB on disk, status {attrs['status']})")
     click.echo(f"model:        {attrs['model_class']} from {attrs['model_source']['path']}"
                f"{'  (inverse triples)' if attrs['inverse_triples'] else ''}")
     click.echo(f"rows:         {attrs['num_rows']:,} training triples x {attrs['width']} {attrs['dtype']}")
