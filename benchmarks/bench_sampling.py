@@ -100,7 +100,7 @@ def main() -> None:
         def build(rate: float, stratify: str) -> tuple[TracinIndex, float, float, list[QueryResult]]:
             out = root / f"idx_{rate:g}_{stratify}"
             t0 = time.perf_counter()
-            build_index(bundle, out, checkpoints=ckpts, overwrite=True,
+            build_index(bundle, out, checkpoints=ckpts, force=True,
                         config=BuildConfig(sample_rate=rate, stratify=stratify, sample_seed=args.seed))
             seconds = time.perf_counter() - t0
             index = open_index(out)

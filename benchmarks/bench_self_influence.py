@@ -162,7 +162,7 @@ def main() -> None:
             out = root / f"idx_{layers.replace(':', '')}_{which}_{loss}"
             t0 = time.perf_counter()
             try:
-                build_index(bundle, out, checkpoints=chosen, config=BuildConfig(layers=layers, loss=loss), overwrite=True)
+                build_index(bundle, out, checkpoints=chosen, config=BuildConfig(layers=layers, loss=loss), force=True)
             except InputError as exc:
                 rows.append((f"TracIn: refused ({str(exc).split(':')[0]})", layers, label, loss, float("nan"),
                              float("nan"), time.perf_counter() - t0))
