@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check tracin_index tests pipelines benchmarks
 
 typecheck: $(STAMP)
-	$(BIN)/mypy tracin_index
+	$(BIN)/mypy tracin_index benchmarks pipelines
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q
