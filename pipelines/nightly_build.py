@@ -12,9 +12,10 @@ exit code a scheduler can act on:
     4  the build or its verification failed (disk full, corrupt write): retry; a rerun resumes
     5  the smoke query failed on the published index
 
-The build publishes only a complete build that passed ``verify_rows``; this job additionally runs the
-full ``verify`` (fingerprints against the model files) and a smoke query through the public API on
-what readers now see. Old builds beyond ``--keep`` are removed at the end.
+The build publishes only a complete build that passed ``verify_rows`` (checksums, done flags, rows,
+values); this job then runs the full ``verify`` (fingerprints against the model files) and a smoke
+query through the public API on what readers now see, and points ``LATEST`` back at the previous build
+if either fails. Old builds beyond ``--keep`` are removed at the end.
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extra = [a for a in args.build_args if a != "--"]
 
+    latest = args.out / "LATEST"
+    previous = latest.read_text() if latest.exists() else None
+
+    def roll_back() -> str:
+        """Point readers back at the build they had before tonight's (verify or smoke query failed)."""
+        if previous is None or not latest.exists() or latest.read_text() == previous:
+            return "nothing to roll back"
+        from tracin_index.store import publish
+
+        publish(args.out, args.out / "builds" / previous.strip())
+        return f"readers rolled back to {previous.strip()}"
+
     t0 = time.perf_counter()
     cmd = ["build", "--model", args.model, "--out", str(args.out), *extra]
     if args.checkpoints:
@@ -65,14 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         log("build", "busy" if busy else "failed", time.perf_counter() - t0, detail)
         if busy:
             return EXIT_BUSY
-        return EXIT_INPUT if "no space left" not in res.stderr and "failed its verification" not in res.stderr else EXIT_BUILD
+        retryable = res.returncode != 2 or "no space left" in res.stderr or "failed its verification" in res.stderr
+        return EXIT_BUILD if retryable else EXIT_INPUT  # exit 2 is a user error; anything else may pass on a rerun
     skipped = "is up to date" in res.stderr
     log("build", "skipped" if skipped else "ok", time.perf_counter() - t0, detail if not skipped else "unchanged inputs")
 
     t0 = time.perf_counter()
     res = tracin("verify", str(args.out))
     if res.returncode != 0:
-        log("verify", "failed", time.perf_counter() - t0, last_line(res.stderr) or last_line(res.stdout))
+        log("verify", "failed", time.perf_counter() - t0,
+            f"{last_line(res.stderr) or last_line(res.stdout)}; {roll_back()}")
         return EXIT_BUILD
     log("verify", "ok", time.perf_counter() - t0, last_line(res.stdout))
 
@@ -87,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("the smoke query returned no training triples")
         name = Path(index.store.path).name
     except Exception as exc:  # any failure here means readers cannot use the index
-        log("smoke-query", "failed", time.perf_counter() - t0, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        log("smoke-query", "failed", time.perf_counter() - t0,
+            f"{type(exc).__name__}: {exc}".splitlines()[0] + f"; {roll_back()}")
         return EXIT_SMOKE
     log("smoke-query", "ok", time.perf_counter() - t0, f"build {name} serves queries")
 

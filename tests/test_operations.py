@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -330,3 +331,107 @@ def test_nightly_job_stages_and_exit_codes(conve_inverse: Trained, tmp_path: Pat
     assert busy.returncode == 3 and "nightly build busy" in busy.stderr
     bad = subprocess.run([*cmd[:3], str(tmp_path / "missing"), *cmd[4:]], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "nightly build failed" in bad.stderr and "not found" in bad.stderr
+
+
+def test_labels_and_missing_chunks_are_checked(conve_inverse: Trained, tmp_path: Path) -> None:
+    out = tmp_path / "idx"
+    config = BuildConfig(projection=ProjectionSpec("sparse", 64), unit_rows=400)
+    bundle = load_model(conve_inverse.directory)
+    build_index(bundle, out, checkpoints=conve_inverse.checkpoints, config=config)
+    runner = CliRunner()
+    labels = resolve(out) / "entity_labels" / "c" / "0"
+    data = bytearray(labels.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    labels.write_bytes(bytes(data))
+    bad = runner.invoke(main, ["verify", str(out), "--no-model"])
+    assert bad.exit_code == 1 and "array 'entity_labels' chunk 0" in bad.output
+    q = runner.invoke(main, ["query", str(out), "--triple", "brazil embassy uk"])
+    assert q.exit_code == 2 and "array 'entity_labels' chunk 0" in q.output
+    # a chunk file that is gone (an interrupted copy) is damage, not zeros; the next build replaces the build
+    out2 = tmp_path / "idx2"
+    build_index(bundle, out2, checkpoints=conve_inverse.checkpoints, config=config)
+    (resolve(out2) / "grads" / "c" / "1" / "0").unlink()
+    bad = runner.invoke(main, ["verify", str(out2), "--no-model"])
+    assert bad.exit_code == 1 and "array 'grads' has 1 of 4 chunks missing" in bad.output
+    logs: list[str] = []
+    rebuilt = build_index(bundle, out2, checkpoints=conve_inverse.checkpoints, config=config, log=logs.append)
+    assert any("is damaged" in m for m in logs) and rebuilt.build_report and not rebuilt.build_report["skipped"]
+
+
+def test_failed_verification_is_not_resumed_forever(conve_inverse: Trained, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracin_index.build as build_module
+
+    out = tmp_path / "idx"
+    bundle = load_model(conve_inverse.directory)
+    config = BuildConfig(projection=ProjectionSpec("sparse", 64), unit_rows=400)
+    monkeypatch.setattr(build_module, "verify_rows", lambda store: ["array 'grads' chunk 0 is corrupt (simulated)"])
+    with pytest.raises(StoreError, match="failed its verification"):
+        build_index(bundle, out, checkpoints=conve_inverse.checkpoints, config=config)
+    monkeypatch.undo()
+    logs: list[str] = []
+    store = build_index(bundle, out, checkpoints=conve_inverse.checkpoints, config=config, log=logs.append)
+    assert not any("resuming" in m for m in logs) and store.attrs["status"] == "complete"
+    assert len(list((out / "builds").iterdir())) == 2  # the failed build stays for inspection; gc --incomplete removes it
+    res = CliRunner().invoke(main, ["gc", str(out), "--incomplete"])
+    assert res.exit_code == 0 and [p.name for p in (out / "builds").iterdir()] == [store.path.name]
+
+
+def test_float16_overflow_is_reported_and_float32_stores_it(conve_inverse: Trained, tmp_path: Path) -> None:
+    path, _ = conve_inverse.checkpoints[1]
+    args = ["build", "--model", str(conve_inverse.directory), "--out", str(tmp_path / "idx"), "--checkpoint", path,
+            "--lr", "1e14", "--dim", "64"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "beyond float16's range; build with --dtype float32" in res.output
+    assert not (tmp_path / "idx").exists() or not list((tmp_path / "idx" / "builds").glob("*"))
+    ok = CliRunner().invoke(main, [*args, "--dtype", "float32"])
+    assert ok.exit_code == 0, ok.output
+    assert Store.open(tmp_path / "idx").array("grads").dtype == np.float32
+
+
+def test_out_paths_that_are_not_indexes(conve_inverse: Trained, tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["build", "--model", str(conve_inverse.directory), "--dim", "64"]
+    (tmp_path / "notes.txt").write_text("x")
+    res = runner.invoke(main, [*base, "--out", str(tmp_path / "notes.txt")])
+    assert res.exit_code == 2 and "is a file, not an index directory" in res.output and "Traceback" not in res.output
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("x")
+    res = runner.invoke(main, [*base, "--out", str(tmp_path / "docs")])
+    assert res.exit_code == 2 and "is not a tracin-index index" in res.output
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["a.txt"]
+    res = runner.invoke(main, [*base, "--out", str(conve_inverse.directory)])
+    assert res.exit_code == 2 and not (conve_inverse.directory / ".lock").exists()
+    res = runner.invoke(main, [*base, "--out", "/proc/nope/idx"])
+    assert res.exit_code in (1, 2) and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_no_space_while_creating_the_store(conve_inverse: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zarr.storage._local as local
+
+    original = local._put
+    calls = {"n": 0}
+
+    def full(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "_put", full)
+    res = CliRunner().invoke(main, ["build", "--model", str(conve_inverse.directory), "--out", str(tmp_path / "idx"),
+                                    "--dim", "64"])
+    assert res.exit_code == 2 and "no space left on the device" in res.output and "Traceback" not in res.output
+
+
+def test_checkpoint_directories_of_two_runs_are_refused(tmp_path: Path) -> None:
+    from tracin_index.callbacks import CHECKPOINT_FORMAT, find_checkpoints
+
+    state = {"w": torch.zeros(2)}
+    for epoch, run in ((1, "a"), (2, "a"), (3, "b")):
+        torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "epoch": epoch, "lr": 0.1, "lrs": [0.1],
+                    "run_id": run, "state_dict": state}, tmp_path / f"epoch_{epoch:05d}.pt")
+    with pytest.raises(InputError, match="mixes checkpoints of 2 training runs"):
+        find_checkpoints(tmp_path)
+    (tmp_path / "epoch_00003.pt").unlink()
+    assert [lr for _, lr in find_checkpoints(tmp_path)] == [0.1, 0.1]

@@ -44,8 +44,11 @@ class BuildConfig:
     sample_rate: float = 1.0
     stratify: str = "relation"
     sample_seed: int = 0
+    dtype: str | None = None  # stored rows: float16 (default for projections) or float32 (default for none)
 
     def check(self) -> None:
+        if self.dtype not in (None, "float16", "float32"):
+            raise InputError(f"--dtype {self.dtype!r} is unknown; choose float16 or float32")
         self.projection.check()
         from .losses import LOSSES
 
@@ -158,7 +161,7 @@ def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, f
     keep = sample_rows(all_triples, config.sample_rate, config.stratify, config.sample_seed)
     triples = all_triples[torch.from_numpy(keep)]
     tracer = Tracer(bundle, ckpts, names, config.loss, config.projection, device, config.projection_memory)
-    dtype = "float32" if config.projection.kind == "none" else "float16"
+    dtype = config.dtype or ("float32" if config.projection.kind == "none" else "float16")
 
     identity: dict[str, Any] = {
         "model_class": type(bundle.model).__name__,
@@ -203,8 +206,8 @@ def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, f
         "build": layout,
         "software": software_versions(),
     }
-    store = None
-    for candidate in reversed(builds(out)):
+    store: Store | None = None
+    for candidate in reversed(builds(out)) if not force else []:
         if candidate == current:
             continue
         try:
@@ -214,37 +217,42 @@ def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, f
         if s.attrs.get("status") == "building" and s.attrs.get("resume_sha256") == resume_sha:
             store = s
             break
-    if store is None:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")  # names sort by start time
-        path = out / BUILDS / f"{stamp}-{identity_sha[:8]}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store = Store.create(
-            path, triples=triples.numpy(), train_index=keep, entity_labels=bundle.triples.entity_labels,
-            relation_labels=bundle.triples.relation_labels, width=tracer.width,
-            num_checkpoints=len(ckpts), unit_rows=config.unit_rows, dtype=dtype, attrs=attrs,
-        )
-        resumed = 0
-    else:
-        resumed = int(store.done().sum())
-        say(f"resuming build {store.path.name}: {resumed} of {store.attrs['num_units']} write units are done")
+    where = store.path if store is not None else out
     try:
+        if store is None:
+            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")  # names sort by start time
+            path = out / BUILDS / f"{stamp}-{identity_sha[:8]}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            where = path
+            store = Store.create(
+                path, triples=triples.numpy(), train_index=keep, entity_labels=bundle.triples.entity_labels,
+                relation_labels=bundle.triples.relation_labels, width=tracer.width,
+                num_checkpoints=len(ckpts), unit_rows=config.unit_rows, dtype=dtype, attrs=attrs,
+            )
+            resumed = 0
+        else:
+            resumed = int(store.done().sum())
+            say(f"resuming build {store.path.name}: {resumed} of {store.attrs['num_units']} write units are done")
         computed = _write_units(store, tracer, triples, config, dtype, progress)
         problems = verify_rows(store)
         if problems:
-            raise StoreError(f"build {store.path} failed its verification: {problems[0]}; run the build again")
+            store.set_attrs(status="failed")  # never resumed: the next run starts a fresh build
+            raise StoreError(f"build {store.path.name} failed its verification ({problems[0]}); run the build again "
+                             "(it starts afresh; 'tracin-index gc --incomplete' removes the failed one)")
         store.set_attrs(status="complete")
         publish(out, store.path)
     except InputError:
-        remove_build(store.path)  # bad input (e.g. diverged gradients): nothing worth resuming
+        if where != out:
+            remove_build(where)  # bad input (e.g. diverged gradients): nothing worth resuming
         raise
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise StoreError(f"no space left on the device writing {store.path}; free space and run the same command "
+            raise StoreError(f"no space left on the device writing {where}; free space and run the same command "
                              "again (the build resumes from its finished units)") from None
         raise
     published = Store.open(out)
     published.build_report = {"skipped": False, "resumed_units": resumed, "computed_units": computed,
-                              "build": store.path.name}
+                              "build": where.name}
     return published
 
 
@@ -264,9 +272,15 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
         start, stop = store.unit_range(int(u))
         with torch.no_grad():
             r = tracer.rows(triples[start:stop], batch_size=config.batch_size)
+        with np.errstate(over="ignore"):
+            rows = r.rows.cpu().numpy().astype(dtype)
+        if not np.isfinite(rows).all():
+            big = float(r.rows.abs().max())
+            raise InputError(f"projected gradients reach {big:.3g}, beyond {dtype}'s range; build with --dtype float32 "
+                             "(or check the checkpoints' learning rates)")
         store.write_unit(
             int(u),
-            r.rows.cpu().numpy().astype(dtype),
+            rows,
             tracer.self_influence(r.sq_norms).cpu().numpy().astype(np.float32),
             r.sq_norms.sqrt().cpu().numpy().astype(np.float32),
         )

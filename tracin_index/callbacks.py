@@ -23,6 +23,7 @@ import math
 import os
 import re
 import tempfile
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,7 @@ class TracinCheckpoint(TrainingCallback):
         self.saved: list[Path] = []  # files written by this callback, in order
         self._final: tuple[int, list[float]] | None = None  # (epoch, lrs) of the latest epoch seen
         self._final_saved = False
+        self.run_id = uuid.uuid4().hex  # every file of this training run records it; find_checkpoints refuses mixes
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def wants(self, epoch: int) -> bool:
@@ -115,6 +117,7 @@ class TracinCheckpoint(TrainingCallback):
             "epoch": int(epoch),
             "lr": lrs[0],
             "lrs": lrs,
+            "run_id": self.run_id,
             "state_dict": state,
         }
         path = self.directory / _NAME.format(epoch=epoch)
@@ -145,6 +148,7 @@ class _Found:
     epoch: int | None  # from the file's contents; None when it holds none
     lr: float
     name_epoch: int  # the last number in the file name (-1 when none): only to order files without an epoch
+    run_id: str | None = None  # TracinCheckpoint's training run
 
 
 def find_checkpoints(path: str | os.PathLike[str], *, default_lr: float | None = None) -> list[tuple[str, float]]:
@@ -184,6 +188,10 @@ def find_checkpoints(path: str | os.PathLike[str], *, default_lr: float | None =
     else:
         files = [root]
     found = [_inspect(f, default_lr) for f in files]
+    runs = {f.run_id for f in found if f.run_id is not None}
+    if len(runs) > 1:
+        raise InputError(f"{root} mixes checkpoints of {len(runs)} training runs (an earlier run's files were left "
+                         "there); give each run its own directory, or remove the old files")
     by_epoch: dict[int, Path] = {}
     for item in found:
         if item.epoch is None:
@@ -224,7 +232,7 @@ def _inspect(path: Path, default_lr: float | None) -> _Found:
             raise InputError(
                 f"checkpoint {path} is an incomplete {CHECKPOINT_FORMAT} file (no epoch or state_dict); save it again"
             )
-        return _Found(path, epoch, _file_lr(lr, path, default_lr, fix), name_epoch)
+        return _Found(path, epoch, _file_lr(lr, path, default_lr, fix), name_epoch, obj.get("run_id"))
 
     if isinstance(obj, dict) and "model_state_dict" in obj and "optimizer_state_dict" in obj:
         epoch = obj.get("epoch") if isinstance(obj.get("epoch"), int) else None

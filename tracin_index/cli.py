@@ -43,6 +43,12 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:  # the environment, not the input: one line, exit 1 (a scheduler may retry)
+            if debug:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"Error: {exc.strerror or exc}{where}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing was published.", err=True)
             sys.exit(130)
@@ -128,6 +134,8 @@ def main() -> None:
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the sample.")
 @click.option("--unit-rows", type=int, default=8192, show_default=True,
               help="Rows per write unit (the unit a killed build resumes from).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
+              help="Stored rows (default float16 for projections, float32 for --projection none).")
 @click.option("--force", is_flag=True, help="Rebuild even when the published build has the same inputs and settings.")
 @_threads_option
 @_user_errors
@@ -135,7 +143,7 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
           triples: Path | None, entity_to_id: Path | None, relation_to_id: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: Path, layers: str,
           loss: str, projection: str, dim: int, seed: int, batch_size: int, device: str, sample_rate: float,
-          stratify: str, sample_seed: int, unit_rows: int, force: bool, threads: int | None) -> None:
+          stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, force: bool, threads: int | None) -> None:
     """Index the gradients of every training triple of MODEL into the index directory OUT.
 
     Each build goes to OUT/builds/ and is published (OUT/LATEST) only when complete and verified; a
@@ -144,15 +152,17 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
     from .build import BuildConfig
     from .projection import ProjectionSpec
     from .runtime import configure_threads
-    from .store import BuildLock
-
     configure_threads(threads)
     started = time.perf_counter()
     config = BuildConfig(layers=layers, loss=loss, projection=ProjectionSpec(projection, dim, seed),
                          batch_size=batch_size, device=device, sample_rate=sample_rate, stratify=stratify,
-                         sample_seed=sample_seed, unit_rows=unit_rows)
+                         sample_seed=sample_seed, unit_rows=unit_rows, dtype=dtype)
     config.check()
-    with BuildLock(out) as lock:  # before loading anything: a second builder fails fast
+    from .store import BuildLock
+
+    # Lock before loading anything, so a second builder fails fast. The lock refuses a file or a foreign
+    # directory as --out, and removes the directory again if it created it and nothing else came of it.
+    with BuildLock(out) as lock:
         bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
         specs = _checkpoints(checkpoint, lr, checkpoint_dir)
         _build(bundle, out, specs, config, force, started, lock)
@@ -361,7 +371,8 @@ def score(index: Path, test: str, out: Path, top_k: int, mode: str, relation: tu
             raise InputError("--neighbourhood applies per test triple; it cannot be combined with --aggregate")
         with _bar(2 * len(triples) if not no_rerank else len(triples), "scoring") as progress:
             result = idx.aggregate(triples, k=top_k, mode=mode, relations=list(relation) or None, candidates=candidates,
-                                   opponent_candidates=opponent_candidates, rerank=not no_rerank, progress=progress)
+                                   opponent_candidates=opponent_candidates, rerank=not no_rerank, progress=progress,
+                                   batch_size=batch_size)
         write_records(result.records(), ["mode", *TRAIN_COLUMNS], out, overwrite=overwrite)
         click.echo(_format_aggregate(result))
         click.echo(f"wrote the aggregate ranking of {len(triples):,} test triples to {out} "

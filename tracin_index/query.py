@@ -8,6 +8,7 @@ union of a batch's candidates is re-ranked by exact TracIn in one pass.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -262,7 +263,7 @@ class TracinIndex:
             out = triples.reshape(-1, 3).to(torch.long)
         else:
             single = isinstance(triples, str) or (
-                isinstance(triples, tuple) and len(triples) == 3 and isinstance(triples[0], int))
+                isinstance(triples, tuple | list) and len(triples) == 3 and all(isinstance(x, numbers.Integral) for x in triples))
             rows = []
             for item in [triples] if single else list(triples):
                 if isinstance(item, str):

@@ -28,6 +28,7 @@ crc32c checksum per chunk; a mismatch is reported with the array, the chunk and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, VLenUTF8Codec
 
 from .errors import StoreError
 
@@ -51,6 +52,7 @@ LATEST = "LATEST"
 BUILDS = "builds"
 LOCK = ".lock"
 PER_ROW = ("grads", "triples", "train_index", "self_influence", "norms")
+ARRAYS = (*PER_ROW, "done", "entity_labels", "relation_labels")
 
 
 def _arr(group: zarr.Group, name: str) -> Any:
@@ -59,7 +61,10 @@ def _arr(group: zarr.Group, name: str) -> Any:
 
 def _codecs() -> dict[str, Any]:
     # No compressor: projected gradients barely compress. crc32c catches flipped bytes per chunk.
-    return {"serializer": BytesCodec(), "compressors": [Crc32cCodec()], "filters": None}
+    # write_empty_chunks: every chunk is a file, even one equal to the fill value, so a missing file
+    # always means damage (verify counts them) and never "all zeros".
+    return {"serializer": BytesCodec(), "compressors": [Crc32cCodec()], "filters": None,
+            "config": {"write_empty_chunks": True}}
 
 
 class Store:
@@ -98,7 +103,9 @@ class Store:
         group.create_array("norms", shape=(n, num_checkpoints), chunks=(unit_rows, num_checkpoints), dtype="float32", **_codecs())
         group.create_array("done", shape=(units,), chunks=(1,), dtype="bool", fill_value=False, **_codecs())
         for name, labels in (("entity_labels", entity_labels), ("relation_labels", relation_labels)):
-            arr = group.create_array(name, shape=(len(labels),), chunks=(max(1, len(labels)),), dtype=str)
+            arr = group.create_array(name, shape=(len(labels),), chunks=(max(1, len(labels)),), dtype=str,
+                                     serializer=VLenUTF8Codec(), compressors=[Crc32cCodec()], filters=None,
+                                     config={"write_empty_chunks": True})
             arr[:] = np.asarray(labels, dtype=object)
         _arr(group, "triples")[:] = triples.astype(np.int64)
         _arr(group, "train_index")[:] = train_index.astype(np.int64)
@@ -180,7 +187,7 @@ class Store:
             yield start, self.read("grads", start, min(self.num_rows, start + block)).astype(np.float32)
 
     def labels(self) -> tuple[list[str], list[str]]:
-        return ([str(x) for x in self.array("entity_labels")[:]], [str(x) for x in self.array("relation_labels")[:]])
+        return ([str(x) for x in self.read("entity_labels")], [str(x) for x in self.read("relation_labels")])
 
     def set_attrs(self, **values: Any) -> None:
         self.group.attrs.update(values)
@@ -263,17 +270,30 @@ class BuildLock:
     def acquire(self) -> BuildLock:
         import fcntl
 
+        if self.home.exists() and not self.home.is_dir():
+            raise StoreError(f"{self.home} is a file, not an index directory; choose another --out")
+        if self.home.is_dir() and any(self.home.iterdir()) and not (
+                (self.home / BUILDS).is_dir() or (self.home / LATEST).exists() or self.path.exists()):
+            raise StoreError(f"{self.home} exists and is not a tracin-index index; choose another --out")
         self.created = not self.home.exists()
         self.home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            raise StoreError(f"{self.home} is being built by {self._holder()}; wait for it to finish "
-                             "(one builder per index)") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                raise StoreError(f"{self.home} is being built by {self._holder()}; wait for it to finish "
+                                 "(one builder per index)") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a lock file that its holder removed meanwhile: lock the current one
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         if previous:
             self.took_over = previous
@@ -296,8 +316,9 @@ class BuildLock:
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             if self.created and [p.name for p in self.home.iterdir()] == [LOCK]:
-                self.path.unlink(missing_ok=True)
-                self.home.rmdir()
+                self.path.unlink(missing_ok=True)  # still locked: a process that opens it now re-checks the inode
+                with contextlib.suppress(OSError):
+                    self.home.rmdir()
             os.close(self.fd)
             self.fd = None
 
