@@ -21,7 +21,7 @@ from .losses import DEFAULT_LOSS
 from .model import ModelBundle, load_checkpoints, select_parameters, triples_fingerprint
 from .projection import DEFAULT_MEMORY, ProjectionSpec
 from .runtime import resolve_device
-from .store import BUILDS, LOCK, SCHEMA_VERSION, BuildLock, Store, builds, latest_build, publish, remove_build
+from .store import BUILDS, SCHEMA_VERSION, BuildLock, Store, builds, latest_build, publish, remove_build
 from .tracer import Tracer
 from .verify import verify_rows
 
@@ -106,8 +106,7 @@ def _check_out(out: Path, bundle: ModelBundle, checkpoints: list[tuple[str, floa
             raise InputError(f"output {out} would overwrite or nest inside the input {p}; choose another --out")
     if (out / "zarr.json").exists():
         raise InputError(f"{out} is a single build, not an index directory; choose a new --out (builds go to OUT/builds/)")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not ((out / BUILDS).is_dir() or (out / LOCK).exists()))):
-        raise InputError(f"{out} exists and is not a tracin-index index; choose another --out")
+    # a file or a foreign directory as --out is refused by BuildLock, before it creates anything
 
 
 def _digest(obj: Any) -> str:
