@@ -42,7 +42,6 @@ def main() -> None:
 
     from tracin_index import BuildConfig, build_index, open_index
     from tracin_index.runtime import configure_threads
-    from tracin_index.search import search
 
     configure_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,8 +73,7 @@ def main() -> None:
         q, _ = index.test_rows(bulk)
         t_grad = time.perf_counter() - t0
         t0 = time.perf_counter()
-        search(index._faiss, q, n_pro)
-        search(index._faiss, -q, n_opp)
+        index.searcher.search(q, n_pro, n_opp)
         t_search = time.perf_counter() - t0
         t0 = time.perf_counter()
         index.score(bulk, settings, batch_size=64)

@@ -332,3 +332,17 @@ def test_one_shot_run_with_the_earlier_tools_options(conve_inverse: Trained, tmp
                                         "--output", str(tmp_path / "x.json")])
     assert unknown.exit_code == 2 and "interaction.linear.weight" in unknown.output
     assert not (tmp_path / "x.json").exists()
+
+
+def test_torch_search_backend_equals_faiss(nations_index: Path, index: TracinIndex, conve_inverse: Trained) -> None:
+    """The GPU fallback (a torch blocked scan over float16 rows) gives FAISS's answers; here on the CPU."""
+    scan_index = open_index(nations_index, search="torch")
+    assert scan_index.searcher.backend == "torch-cpu" and index.searcher.backend == "faiss-cpu"
+    test = conve_inverse.testing[:12]
+    for kwargs in ({}, {"rerank": False}, {"mode": "cosine"}, {"neighbourhood": True}):
+        a = index.query(test, k=5, **kwargs)  # type: ignore[arg-type]
+        b = scan_index.query(test, k=5, **kwargs)  # type: ignore[arg-type]
+        for x, y in zip(a, b, strict=True):
+            assert _ids(x.proponents) == _ids(y.proponents) and _ids(x.opponents) == _ids(y.opponents)
+            for p, r in zip(x.proponents + x.opponents, y.proponents + y.opponents, strict=True):
+                assert p.influence == pytest.approx(r.influence, rel=1e-4, abs=1e-7)

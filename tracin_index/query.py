@@ -34,7 +34,7 @@ from .model import (
 )
 from .projection import ProjectionSpec
 from .runtime import resolve_device
-from .search import build_flat_index, flat_rows, scan, search
+from .search import make_searcher
 from .store import Store
 from .tracer import Tracer
 
@@ -222,14 +222,14 @@ class TracinIndex:
     ``self_influence`` ranks training triples by their own influence, ``info`` gives the settings.
     """
 
-    def __init__(self, store: Store, tracer: Tracer, labels: TriplesData) -> None:
+    def __init__(self, store: Store, tracer: Tracer, labels: TriplesData, search_backend: str = "auto") -> None:
         self.store = store
         self.tracer = tracer
         self.labels = labels
         self.triples = torch.from_numpy(store.read("triples").astype(np.int64))
         self.train_index = store.read("train_index").astype(np.int64)
-        self._faiss = build_flat_index(store)  # from the rows, every chunk's checksum checked
-        self._rows = flat_rows(self._faiss)
+        # built from the rows, every chunk's checksum checked: FAISS on the CPU, a torch scan on a GPU
+        self.searcher = make_searcher(store, tracer.device, search_backend)
         self._inv_norms: np.ndarray | None = _reciprocal(store.read("norms").astype(np.float32))
 
     @property
@@ -366,11 +366,7 @@ class TracinIndex:
     def _retrieve(self, q: np.ndarray, s: ScoreSettings, mask: Any, row_scale: np.ndarray | None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         n_pro, n_opp = s.per_end()
-        if mask is None and row_scale is None:
-            ps, pi = search(self._faiss, q, n_pro)
-            os_, oi = search(self._faiss, -q, n_opp)
-            return ps, pi, -os_, oi
-        return scan(self._rows, q, n_pro, n_opp, row_scale=row_scale, mask=mask)
+        return self.searcher.search(q, n_pro, n_opp, row_scale=row_scale, mask=mask)
 
     def _queries(self, test: torch.Tensor, s: ScoreSettings, keep_blocks: bool) -> tuple[np.ndarray, torch.Tensor | None, Any]:
         """Query rows ``(M, W)`` (normalised per checkpoint in cosine mode), the test scale, and the blocks."""
@@ -486,7 +482,7 @@ class TracinIndex:
         s = self.settings(k, mode=mode, relations=relations, candidates=candidates,
                           opponent_candidates=opponent_candidates, rerank=rerank)
         t = self.parse(test)
-        total = np.zeros(self._rows.shape[1], dtype=np.float64)
+        total = np.zeros(self.searcher.width, dtype=np.float64)
         passes = 2 if rerank else 1
         for b0 in range(0, len(t), batch_size):
             with torch.no_grad():
@@ -555,11 +551,14 @@ def open_index(
     loss: str | None = None,
     projection: ProjectionSpec | None = None,
     device: str | None = "cpu",
+    search: str = "auto",
 ) -> TracinIndex:
     """Open a built index with the model it was built from (or ``model``), refusing any mismatch.
 
     ``layers``, ``loss`` and ``projection``, when given, must equal the store's; the model's and the
-    checkpoints' fingerprints must equal the recorded ones.
+    checkpoints' fingerprints must equal the recorded ones. ``search``: the candidate-search backend,
+    ``auto`` (FAISS on the CPU; on a GPU faiss-gpu if installed, else a torch scan there), ``faiss`` or
+    ``torch``.
     """
     store = Store.open(path)
     attrs = store.attrs
@@ -612,4 +611,4 @@ def open_index(
     tracer = Tracer(bundle, ckpts, names, attrs["loss"], spec, resolve_device(device))
     ent, rel = store.labels()
     labels = TriplesData(mapped=bundle.triples.mapped, entity_labels=ent, relation_labels=rel)
-    return TracinIndex(store, tracer, labels)
+    return TracinIndex(store, tracer, labels, search)

@@ -6,6 +6,10 @@ Two engines over the same rows, both exact over the projected rows:
 - a blocked scan (torch matmul + top-k per block, merged) for everything FAISS's flat index cannot do
   in one call: per-row weights (the cosine mode) and per-query masks (candidate filters applied before
   the top-K cut): :func:`scan`. Memory is ``block_rows x M`` scores at a time, never ``N x M``.
+
+:func:`make_searcher` picks the backend: FAISS on the CPU; on a CUDA device, FAISS's GPU index when
+the installed faiss has GPU support (faiss-gpu), else the blocked scan on the GPU (rows held there in
+float16, products in float32), so a GPU machine needs no faiss-gpu wheel.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 from .store import Store
 
-__all__ = ["build_flat_index", "flat_rows", "scan", "search"]
+__all__ = ["FaissSearcher", "Searcher", "TorchSearcher", "build_flat_index", "flat_rows", "make_searcher", "scan", "search"]
 
 Mask = Callable[[int, int], torch.Tensor | None]
 
@@ -50,7 +54,7 @@ def search(index: faiss.Index, queries: np.ndarray, n: int) -> tuple[np.ndarray,
 
 
 def scan(
-    rows: np.ndarray,
+    rows: np.ndarray | torch.Tensor,
     queries: np.ndarray,
     n_top: int,
     n_bottom: int,
@@ -59,33 +63,39 @@ def scan(
     mask: Mask | None = None,
     block_rows: int = 32768,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Largest ``n_top`` and smallest ``n_bottom`` scores per query over ``rows (N, W) float32``.
+    """Largest ``n_top`` and smallest ``n_bottom`` scores per query over ``rows (N, W)``.
 
-    The score of row ``i`` for query ``m`` is ``<rows[i] * w_i, queries[m]>`` where ``w_i`` repeats
-    ``row_scale[i, c]`` over checkpoint ``c``'s ``W / C`` columns (``row_scale (N, C)``; None = 1).
-    ``mask(start, stop)`` returns which rows of a block may be returned: ``(b,)`` for all queries or
-    ``(b, M)`` per query (None = all); masked rows never take a place in either list.
+    ``rows`` is a float32 array or a torch tensor on any device (float16 or float32; products are
+    float32, on that device). The score of row ``i`` for query ``m`` is ``<rows[i] * w_i, queries[m]>``
+    where ``w_i`` repeats ``row_scale[i, c]`` over checkpoint ``c``'s ``W / C`` columns
+    (``row_scale (N, C)``; None = 1). ``mask(start, stop)`` returns which rows of a block may be
+    returned: ``(b,)`` for all queries or ``(b, M)`` per query (None = all); masked rows never take a
+    place in either list.
 
     Returns ``(top_scores (M, n_top) float32, top_ids (M, n_top) int64, bottom_scores, bottom_ids)``,
     best first; missing places (fewer allowed rows than asked) have id -1.
     """
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    table = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
+    dev = table.device
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(dev)
     m = q.shape[0]
-    n = rows.shape[0]
+    n = table.shape[0]
     n_top, n_bottom = max(0, min(n_top, n)), max(0, min(n_bottom, n))
-    best = [torch.full((m, 0), -torch.inf), torch.full((m, 0), -torch.inf)]
-    best_ids = [torch.zeros((m, 0), dtype=torch.long), torch.zeros((m, 0), dtype=torch.long)]
+    best = [torch.full((m, 0), -torch.inf, device=dev), torch.full((m, 0), -torch.inf, device=dev)]
+    best_ids = [torch.zeros((m, 0), dtype=torch.long, device=dev), torch.zeros((m, 0), dtype=torch.long, device=dev)]
     wanted = (n_top, n_bottom)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
-        block = torch.from_numpy(rows[start:stop])
+        block = table[start:stop].to(torch.float32)
         if row_scale is not None:
             c = row_scale.shape[1]
-            w = torch.from_numpy(np.ascontiguousarray(row_scale[start:stop], dtype=np.float32))
+            w = torch.from_numpy(np.ascontiguousarray(row_scale[start:stop], dtype=np.float32)).to(dev)
             block = (block.reshape(stop - start, c, -1) * w[:, :, None]).reshape(stop - start, -1)
         scores = (block @ q.T).T  # (M, b)
         allowed = mask(start, stop) if mask is not None else None
-        ids = torch.arange(start, stop).expand(m, -1)
+        if allowed is not None:
+            allowed = allowed.to(dev)
+        ids = torch.arange(start, stop, device=dev).expand(m, -1)
         for end, sign in ((0, 1.0), (1, -1.0)):
             if wanted[end] == 0:
                 continue
@@ -101,5 +111,66 @@ def scan(
     for end, sign in ((0, 1.0), (1, -1.0)):
         s, i = best[end], best_ids[end].clone()
         i[~torch.isfinite(s)] = -1
-        out += [(s * sign).numpy().astype(np.float32), i.numpy().astype(np.int64)]
+        out += [(s * sign).cpu().numpy().astype(np.float32), i.cpu().numpy().astype(np.int64)]
     return out[0], out[1], out[2], out[3]
+
+
+class Searcher:
+    """Both ends of an inner-product search over the stored rows, optionally weighted and masked."""
+
+    backend = "abstract"
+    width: int
+
+    def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
+               mask: Mask | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(top_scores, top_ids, bottom_scores, bottom_ids)`` as :func:`scan` returns them."""
+        raise NotImplementedError
+
+
+class FaissSearcher(Searcher):
+    """FAISS ``IndexFlatIP`` (CPU, or GPU with faiss-gpu) for plain searches; the scan over its rows otherwise."""
+
+    def __init__(self, index: faiss.Index, rows: np.ndarray, backend: str = "faiss-cpu") -> None:
+        self.index, self.rows, self.backend, self.width = index, rows, backend, int(rows.shape[1])
+
+    def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
+               mask: Mask | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if mask is None and row_scale is None:
+            ps, pi = search(self.index, q, n_top)
+            os_, oi = search(self.index, -q, n_bottom)
+            return ps, pi, -os_, oi
+        return scan(self.rows, q, n_top, n_bottom, row_scale=row_scale, mask=mask)
+
+
+class TorchSearcher(Searcher):
+    """The blocked scan over rows held on a torch device (a GPU without faiss-gpu)."""
+
+    backend = "torch"
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows, self.width = rows, int(rows.shape[1])
+        self.backend = f"torch-{rows.device.type}"
+
+    def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
+               mask: Mask | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return scan(self.rows, q, n_top, n_bottom, row_scale=row_scale, mask=mask)
+
+
+def make_searcher(store: Store, device: torch.device, backend: str = "auto") -> Searcher:
+    """The search backend for ``device``: ``auto`` (see the module docstring), ``faiss`` or ``torch``."""
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"unknown search backend {backend!r}")
+    on_gpu = device.type == "cuda"
+    faiss_gpu = on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if backend == "torch" or (backend == "auto" and on_gpu and not faiss_gpu):
+        width = int(store.attrs["width"])
+        table = torch.empty((store.num_rows, width), dtype=torch.float16, device=device)
+        for start, block in store.iter_rows():
+            table[start : start + len(block)] = torch.from_numpy(block).to(device=device, dtype=torch.float16)
+        return TorchSearcher(table)
+    index = build_flat_index(store)
+    rows = flat_rows(index)
+    if faiss_gpu:  # pragma: no cover - needs faiss-gpu and a GPU
+        gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
+        return FaissSearcher(gpu, rows, backend="faiss-gpu")
+    return FaissSearcher(index, rows)
