@@ -435,3 +435,21 @@ def test_checkpoint_directories_of_two_runs_are_refused(tmp_path: Path) -> None:
         find_checkpoints(tmp_path)
     (tmp_path / "epoch_00003.pt").unlink()
     assert [lr for _, lr in find_checkpoints(tmp_path)] == [0.1, 0.1]
+
+
+def test_torn_done_flag_is_redone(conve_inverse: Trained, reference: Path, tmp_path: Path) -> None:
+    """A kill while the flag chunk itself is written leaves a torn file: that unit is computed again."""
+    out = tmp_path / "idx"
+    cmd = _build_cmd(conve_inverse, out)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and _done_units(out) < 4:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    [build] = list((out / "builds").iterdir())
+    flag = build / "done" / "c" / "2"
+    flag.write_bytes(flag.read_bytes()[:3])  # torn: shorter than the chunk plus its checksum
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert _array_bytes(resolve(out)) == _array_bytes(resolve(reference))

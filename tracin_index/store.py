@@ -157,7 +157,17 @@ class Store:
         self.array("done")[u] = True
 
     def done(self) -> np.ndarray:
-        return np.asarray(self.array("done")[:], dtype=bool)
+        """Done flags ``(U,) bool``. A flag whose chunk is torn (the writer was killed while writing it)
+        reads as not done: its unit is computed and written again."""
+        arr = self.array("done")
+        try:
+            return np.asarray(arr[:], dtype=bool)
+        except ValueError:
+            flags = np.zeros(arr.shape[0], dtype=bool)
+            for u in range(arr.shape[0]):
+                with contextlib.suppress(ValueError):
+                    flags[u] = bool(arr[u])
+            return flags
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of array ``name``; a checksum mismatch names the array, chunk and rows."""
