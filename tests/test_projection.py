@@ -79,6 +79,13 @@ def test_gaussian_equals_dense_matrix(conve_inverse: Trained, layers: str) -> No
     fresh = GaussianProjector(ProjectionSpec("gaussian", k, 3), tracked, torch.device("cpu"), 0)
     assert torch.equal(fresh.chunk(len(tracked) - 1, 0), proj.chunk(len(tracked) - 1, 0))
     assert torch.equal(fresh(blocks), proj(blocks))
+    # a budget smaller than P keeps the first chunks (chunks are visited cyclically: LRU would never hit)
+    assert len(tracked) >= 3
+    budget = (proj.chunk(0, 0).numel() + proj.chunk(1, 0).numel()) * 4
+    small = GaussianProjector(ProjectionSpec("gaussian", k, 3), tracked, torch.device("cpu"), budget)
+    a, b, _ = small.chunk(0, 0), small.chunk(1, 0), small.chunk(2, 0)
+    assert small.chunk(0, 0) is a and small.chunk(1, 0) is b and small.chunk(2, 0) is not small.chunk(2, 0)
+    assert torch.equal(small(blocks), proj(blocks))
 
 
 @pytest.mark.parametrize("kind", ["sparse", "gaussian"])

@@ -8,13 +8,12 @@ device and run, and never materialised beyond a memory budget:
   Linear weight's outer-product gradient is sketched as the circular convolution of the CountSketches
   of its two factors (TensorSketch, via FFT): ``O(out + in + k log k)`` per triple, exact in distribution.
 - ``gaussian``: i.i.d. ``N(0, 1/k)`` entries, generated on the CPU in chunks of ``CHUNK`` columns by a
-  ``torch.Generator`` seeded from ``(seed, parameter, chunk)``, cached up to a memory budget.
+  ``torch.Generator`` seeded from ``(seed, parameter, chunk)``, cached up to a memory budget (the first chunks that fit).
 - ``none``: the flat gradient itself (exact; for small models and tests).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -176,7 +175,7 @@ class GaussianProjector(Projector):
         self.params = params
         self.device = device
         self.memory = memory
-        self._cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self._cached_bytes = 0
 
     @staticmethod
@@ -192,7 +191,6 @@ class GaussianProjector(Projector):
         """Chunk ``c`` of parameter ``j``'s block of P: ``(k, rows_in_chunk * cols) float32`` on the device."""
         key = (j, c)
         if key in self._cache:
-            self._cache.move_to_end(key)
             return self._cache[key]
         p = self.params[j]
         rows, cols = self._rows_cols(p)
@@ -201,10 +199,10 @@ class GaussianProjector(Projector):
         gen = torch.Generator(device="cpu").manual_seed(_key(self.seed, j, c) & ((1 << 63) - 1))
         block = (torch.randn(self.k, width, generator=gen) / self.k**0.5).to(self.device)
         size = block.numel() * 4
-        if size <= self.memory:
-            while self._cache and self._cached_bytes + size > self.memory:
-                _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= old.numel() * 4
+        # Chunks are always visited in the same cyclic order, where LRU evicts each chunk just before
+        # its next use (no hit at all once P exceeds the budget). Keeping the first chunks that fit
+        # instead hits a budget/total share of them on every batch.
+        if self._cached_bytes + size <= self.memory:
             self._cache[key] = block
             self._cached_bytes += size
         return block
