@@ -290,6 +290,13 @@ def query(index: Path, triple: tuple[str, ...], top_k: int, mode: str, relation:
         click.echo("\n\n".join(_format_table(r) for r in results))
 
 
+def _test_triples(idx: Any, test: str) -> Any:
+    """``--test``: ``pykeen:DATASET[:SPLIT]``, else a path (a missing file is reported as such)."""
+    from .model import PYKEEN_PREFIX
+
+    return idx.parse(test if test.startswith(PYKEEN_PREFIX) else Path(test))
+
+
 def _parse_indices(text: str | None, n: int) -> Any:
     """``"0,3,5-9"`` to sorted unique positions within ``0..n-1``."""
     import numpy as np
@@ -362,7 +369,7 @@ def score(index: Path, test: str, out: Path, top_k: int, mode: str, relation: tu
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
     started = time.perf_counter()
     idx = _open(index, model, checkpoint, lr, layers, loss, device)
-    triples = idx.parse(test if ":" in test and not Path(test).exists() else Path(test))
+    triples = _test_triples(idx, test)
     positions = _parse_indices(test_indices, len(triples))
     if positions is not None:
         triples = triples[positions]
@@ -529,7 +536,7 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
                 write_records(records, list(records[0]) if records else ["kind"], output, overwrite=overwrite)
             click.echo(f"wrote the top {len(ranking)} training triples by self-influence to {output}")
             return
-        triples = idx.parse(test if ":" in test and not Path(test).exists() else Path(test))
+        triples = _test_triples(idx, test)
         positions = _parse_indices(test_indices, len(triples))
         if positions is None:
             positions = np.arange(len(triples))

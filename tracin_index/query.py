@@ -230,7 +230,7 @@ class TracinIndex:
         self.train_index = store.read("train_index").astype(np.int64)
         # built from the rows, every chunk's checksum checked: FAISS on the CPU, a torch scan on a GPU
         self.searcher = make_searcher(store, tracer.device, search_backend)
-        self._inv_norms: np.ndarray | None = _reciprocal(store.read("norms").astype(np.float32))
+        self._inv_norms = _reciprocal(store.read("norms").astype(np.float32))  # (N, C): the cosine mode's row scale
 
     @property
     def num_rows(self) -> int:
@@ -340,8 +340,6 @@ class TracinIndex:
         return _reciprocal(sq_norms.sqrt().cpu().numpy() * lr_sum)
 
     def _row_scale(self) -> np.ndarray:
-        if self._inv_norms is None:
-            self._inv_norms = _reciprocal(self.store.read("norms").astype(np.float32))
         return self._inv_norms
 
     # ------------------------------------------------------------------ the engine
