@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -9,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,7 +259,11 @@ def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, f
 
 def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: BuildConfig, dtype: str,
                  progress: Callable[[int, int], None] | None) -> int:
-    """Compute and write every unit whose done flag is not set (rows first, then the flag)."""
+    """Compute and write every unit whose done flag is not set (rows first, then the flag).
+
+    Unit ``u``'s Zarr write (checksums, file I/O) runs on a writer thread while unit ``u + 1`` is
+    computed; at most one write is in flight, and every write has finished (or raised) on return.
+    """
     done = store.done()
     started = time.perf_counter()
     computed = 0
@@ -267,25 +273,42 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
         rows_done += hi - lo
     if progress is not None:
         progress(rows_done, store.num_rows)
-    for u in np.flatnonzero(~done).tolist():
-        start, stop = store.unit_range(int(u))
-        with torch.no_grad():
-            r = tracer.rows(triples[start:stop], batch_size=config.batch_size)
-        with np.errstate(over="ignore"):
-            rows = r.rows.cpu().numpy().astype(dtype)
-        if not np.isfinite(rows).all():
-            big = float(r.rows.abs().max())
-            raise InputError(f"projected gradients reach {big:.3g}, beyond {dtype}'s range; build with --dtype float32 "
-                             "(or check the checkpoints' learning rates)")
-        store.write_unit(
-            int(u),
-            rows,
-            tracer.self_influence(r.sq_norms).cpu().numpy().astype(np.float32),
-            r.sq_norms.sqrt().cpu().numpy().astype(np.float32),
-        )
-        computed += 1
-        rows_done += stop - start
-        if progress is not None:
-            progress(rows_done, store.num_rows)
-    store.set_attrs(timings={"gradients_s": round(time.perf_counter() - started, 3), "units_computed": computed})
+    compute_s = 0.0
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracin-writer") as writer:
+        try:
+            for u in np.flatnonzero(~done).tolist():
+                start, stop = store.unit_range(int(u))
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    r = tracer.rows(triples[start:stop], batch_size=config.batch_size)
+                with np.errstate(over="ignore"):
+                    rows = r.rows.cpu().numpy().astype(dtype)
+                if not np.isfinite(rows).all():
+                    big = float(r.rows.abs().max())
+                    raise InputError(f"projected gradients reach {big:.3g}, beyond {dtype}'s range; build with --dtype "
+                                     "float32 (or check the checkpoints' learning rates)")
+                self_inf = tracer.self_influence(r.sq_norms).cpu().numpy().astype(np.float32)
+                norms = r.sq_norms.sqrt().cpu().numpy().astype(np.float32)
+                compute_s += time.perf_counter() - t0
+                if pending is not None:
+                    pending.result()  # the previous unit is on disk (its flag included) before the next starts
+                    computed += 1
+                    if progress is not None:
+                        progress(rows_done, store.num_rows)
+                pending = writer.submit(store.write_unit, int(u), rows, self_inf, norms)
+                rows_done += stop - start
+            if pending is not None:
+                pending.result()
+                computed += 1
+                pending = None
+                if progress is not None:
+                    progress(rows_done, store.num_rows)
+        finally:
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    pending.result()  # a failure elsewhere waits for the write in flight, then propagates
+    total = time.perf_counter() - started
+    store.set_attrs(timings={"gradients_s": round(total, 3), "compute_s": round(compute_s, 3),
+                             "units_computed": computed})
     return computed

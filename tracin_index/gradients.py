@@ -66,7 +66,11 @@ class DenseGrad:
 
 @dataclass
 class OuterGrad:
-    """Per-triple ``sum_r u[:, r] v[:, r]^T``; ``u (B, R, out)``, ``v (B, R, in)`` float32."""
+    """Per-triple ``sum_r u[r] v[r]^T``; ``u (R, B, out)``, ``v (R, B, in)`` float32.
+
+    ``R`` (rows per triple: 2 with inverse triples) comes first, so the module's own input and output
+    (internal rows ``r * B + b``) are views, never copied: ``v`` alone is 10368 floats per row for ConvE.
+    """
 
     u: torch.Tensor
     v: torch.Tensor
@@ -195,11 +199,9 @@ class GradientComputer:
             return DenseGrad(torch.zeros(batch, p.size, device=self.device))
         leaf = p.name.rpartition(".")[2]
         if p.kind == "outer":
-            us, vs = [], []
-            for x, d in calls:
-                us.append(_to_examples(d.reshape(d.shape[0], -1, d.shape[-1]), batch, per))
-                vs.append(_to_examples(x.reshape(x.shape[0], -1, x.shape[-1]), batch, per))
-            return OuterGrad(u=torch.cat(us, 1).detach(), v=torch.cat(vs, 1).detach())
+            us = [_to_rmajor(d.reshape(d.shape[0], -1, d.shape[-1]), batch, per) for _, d in calls]
+            vs = [_to_rmajor(x.reshape(x.shape[0], -1, x.shape[-1]), batch, per) for x, _ in calls]
+            return OuterGrad(u=_cat0(us).detach(), v=_cat0(vs).detach())
         if p.kind == "rows":
             idx, val = [], []
             for x, d in calls:
@@ -211,22 +213,48 @@ class GradientComputer:
             parts = [_to_examples(d.reshape(d.shape[0], -1, d.shape[-1]), batch, per).sum(1) for _, d in calls]
             total = torch.stack(parts).sum(0)
             return DenseGrad(values=total.detach())
-        per_row = torch.stack([self._dense_rows(module, leaf, x, d) for x, d in calls]).sum(0)
+        per_row = torch.stack([_dense_rows(module, leaf, x, d) for x, d in calls]).sum(0)
         return DenseGrad(values=_to_examples(per_row.reshape(per_row.shape[0], 1, -1), batch, per).sum(1))
 
-    @staticmethod
-    def _dense_rows(module: nn.Module, leaf: str, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """Per-row gradient ``(rows, size)`` of one parameter of ``module`` via ``vmap`` over rows."""
-        params = {n: p.detach() for n, p in module.named_parameters(recurse=False)}
-        buffers = {n: b for n, b in module.named_buffers(recurse=False)}
-        others = {n: p for n, p in params.items() if n != leaf}
 
-        def row_fn(w: torch.Tensor, xi: torch.Tensor, di: torch.Tensor) -> torch.Tensor:
-            out = functional_call(module, {**others, leaf: w, **buffers}, (xi.unsqueeze(0),))
-            return (out * di.unsqueeze(0)).sum()
+def _dense_rows(module: nn.Module, leaf: str, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per-row gradient ``(rows, size)`` of one parameter of ``module``.
 
-        fn: Callable[..., torch.Tensor] = vmap(grad(row_fn), in_dims=(None, 0, 0))
-        return fn(params[leaf], x.detach(), d.detach()).reshape(x.shape[0], -1)
+    BatchNorm in eval mode (running statistics) has a closed form: ``d * x_hat`` for the weight, ``d``
+    for the bias, summed over any positions after the channel axis. Anything else goes through
+    ``vmap(grad(...))`` over rows.
+    """
+    x, d = x.detach(), d.detach()
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is not None:
+        assert module.running_var is not None
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if leaf == "bias":
+            g = d
+        else:
+            g = d * (x - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
+        return g.reshape(g.shape[0], g.shape[1], -1).sum(-1)
+    params = {n: p.detach() for n, p in module.named_parameters(recurse=False)}
+    buffers = {n: b for n, b in module.named_buffers(recurse=False)}
+    others = {n: p for n, p in params.items() if n != leaf}
+
+    def row_fn(w: torch.Tensor, xi: torch.Tensor, di: torch.Tensor) -> torch.Tensor:
+        out = functional_call(module, {**others, leaf: w, **buffers}, (xi.unsqueeze(0),))
+        return (out * di.unsqueeze(0)).sum()
+
+    fn: Callable[..., torch.Tensor] = vmap(grad(row_fn), in_dims=(None, 0, 0))
+    return fn(params[leaf], x, d).reshape(x.shape[0], -1)
+
+
+def _cat0(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def _to_rmajor(t: torch.Tensor, batch: int, per: int) -> torch.Tensor:
+    """``(per * B, S, f)`` rows (row ``j`` of triple ``j % B``) -> ``(per * S, B, f)``; a view when ``S == 1``."""
+    _, s_, f = t.shape
+    if s_ == 1:
+        return t.reshape(per, batch, f)
+    return t.reshape(per, batch, s_, f).transpose(1, 2).reshape(per * s_, batch, f)
 
 
 def _to_examples(t: torch.Tensor, batch: int, per: int) -> torch.Tensor:
@@ -239,7 +267,7 @@ def _sum_over_batch(block: GradBlock, p: TrackedParam) -> torch.Tensor:
     if isinstance(block, DenseGrad):
         return block.values.sum(0).reshape(p.shape)
     if isinstance(block, OuterGrad):
-        return torch.einsum("bro,bri->oi", block.u, block.v).reshape(p.shape)
+        return torch.einsum("rbo,rbi->oi", block.u, block.v).reshape(p.shape)
     out = torch.zeros(block.num_rows, block.values.shape[-1], device=block.values.device)
     out.index_add_(0, block.index.reshape(-1), block.values.reshape(-1, block.values.shape[-1]))
     return out.reshape(p.shape)
@@ -262,10 +290,12 @@ def _inner_block(x: GradBlock, y: GradBlock) -> torch.Tensor:
     if isinstance(x, DenseGrad) and isinstance(y, DenseGrad):
         return x.values @ y.values.T
     if isinstance(x, OuterGrad) and isinstance(y, OuterGrad):
-        # <sum_r u_r v_r^T, sum_s u'_s v'_s^T> = sum_{r,s} (u_r . u'_s)(v_r . v'_s)
-        uu = torch.einsum("aro,bso->arbs", x.u, y.u)
-        vv = torch.einsum("ari,bsi->arbs", x.v, y.v)
-        return (uu * vv).sum(dim=(1, 3))
+        # <sum_r u_r v_r^T, sum_s u'_s v'_s^T> = sum_{r,s} (u_r . u'_s)(v_r . v'_s): 2 GEMMs per (r, s)
+        out = torch.zeros(x.u.shape[1], y.u.shape[1], device=x.u.device, dtype=x.u.dtype)
+        for r in range(x.u.shape[0]):
+            for s in range(y.u.shape[0]):
+                out += (x.u[r] @ y.u[s].T) * (x.v[r] @ y.v[s].T)
+        return out
     if isinstance(x, RowsGrad) and isinstance(y, RowsGrad):
         same = x.index[:, :, None, None] == y.index[None, None, :, :]
         dots = torch.einsum("ard,bsd->arbs", x.values, y.values)
@@ -280,7 +310,7 @@ def sq_norms(blocks: list[GradBlock]) -> torch.Tensor:
         if isinstance(blk, DenseGrad):
             part = (blk.values * blk.values).sum(1)
         elif isinstance(blk, OuterGrad):
-            part = (torch.einsum("bro,bso->brs", blk.u, blk.u) * torch.einsum("bri,bsi->brs", blk.v, blk.v)).sum((1, 2))
+            part = (torch.einsum("rbo,sbo->brs", blk.u, blk.u) * torch.einsum("rbi,sbi->brs", blk.v, blk.v)).sum((1, 2))
         else:
             same = blk.index[:, :, None] == blk.index[:, None, :]
             part = (torch.einsum("brd,bsd->brs", blk.values, blk.values) * same).sum((1, 2))
@@ -296,7 +326,7 @@ def densify(blocks: list[GradBlock]) -> torch.Tensor:
         if isinstance(blk, DenseGrad):
             parts.append(blk.values)
         elif isinstance(blk, OuterGrad):
-            parts.append(torch.einsum("bro,bri->boi", blk.u, blk.v).reshape(blk.u.shape[0], -1))
+            parts.append(torch.einsum("rbo,rbi->boi", blk.u, blk.v).reshape(blk.u.shape[1], -1))
         else:
             b, r, d = blk.values.shape
             out = torch.zeros(b, blk.num_rows, d, device=blk.values.device)
@@ -315,7 +345,7 @@ def concat(parts: list[list[GradBlock]]) -> list[GradBlock]:
         if isinstance(first, DenseGrad):
             out.append(DenseGrad(torch.cat([g.values for g in group])))  # type: ignore[union-attr]
         elif isinstance(first, OuterGrad):
-            out.append(OuterGrad(torch.cat([g.u for g in group]), torch.cat([g.v for g in group])))  # type: ignore[union-attr]
+            out.append(OuterGrad(torch.cat([g.u for g in group], 1), torch.cat([g.v for g in group], 1)))  # type: ignore[union-attr]
         else:
             out.append(RowsGrad(torch.cat([g.index for g in group]), torch.cat([g.values for g in group]), first.num_rows))  # type: ignore[union-attr]
     return out
@@ -328,7 +358,7 @@ def select(blocks: list[GradBlock], index: torch.Tensor) -> list[GradBlock]:
         if isinstance(blk, DenseGrad):
             out.append(DenseGrad(blk.values[index]))
         elif isinstance(blk, OuterGrad):
-            out.append(OuterGrad(blk.u[index], blk.v[index]))
+            out.append(OuterGrad(blk.u[:, index], blk.v[:, index]))
         else:
             out.append(RowsGrad(blk.index[index], blk.values[index], blk.num_rows))
     return out

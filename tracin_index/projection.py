@@ -139,12 +139,11 @@ class SketchProjector(Projector):
         return self._cache[(j, mode)]
 
     def _countsketch(self, x: torch.Tensor, j: int, mode: int) -> torch.Tensor:
-        """``x (..., n) -> (..., k)``."""
+        """``x (..., n) -> (..., k)``, along the last axis whatever the strides."""
         bucket, sign = self._fixed(j, mode, x.shape[-1])
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.zeros(flat.shape[0], self.k, device=x.device, dtype=x.dtype)
-        out.index_add_(1, bucket, flat * sign)
-        return out.reshape(*x.shape[:-1], self.k)
+        out = torch.zeros(*x.shape[:-1], self.k, device=x.device, dtype=x.dtype)
+        out.index_add_(x.dim() - 1, bucket, x * sign)
+        return out
 
     def __call__(self, blocks: list[GradBlock]) -> torch.Tensor:
         total: torch.Tensor | None = None
@@ -154,7 +153,7 @@ class SketchProjector(Projector):
             elif isinstance(blk, OuterGrad):
                 cu = torch.fft.rfft(self._countsketch(blk.u, j, 0), n=self.k)
                 cv = torch.fft.rfft(self._countsketch(blk.v, j, 1), n=self.k)
-                part = torch.fft.irfft((cu * cv).sum(1), n=self.k)
+                part = torch.fft.irfft((cu * cv).sum(0), n=self.k)
             else:
                 b, _, d = blk.values.shape
                 coords = blk.index.unsqueeze(-1) * d + torch.arange(d, device=blk.index.device)
@@ -226,9 +225,9 @@ class GaussianProjector(Projector):
         return total
 
     def _outer(self, blk: OuterGrad, j: int, n: int, chunks: range) -> torch.Tensor:
-        b, r, _ = blk.u.shape
-        u = blk.u.reshape(b * r, -1)
-        v = blk.v.reshape(b * r, -1)
+        r, b, _ = blk.u.shape
+        u = blk.u.reshape(r * b, -1)
+        v = blk.v.reshape(r * b, -1)
         out = torch.zeros(b * r, self.k, device=u.device)
         for c in chunks:
             pc = self.chunk(j, c)
@@ -236,7 +235,7 @@ class GaussianProjector(Projector):
             # (b*r, in) @ (in, k * rows_c) -> (b*r, k, rows_c), weighted by u's rows of this chunk
             t = (v @ pc.reshape(self.k * rows_c, v.shape[1]).T).reshape(b * r, self.k, rows_c)
             out += (t * u[:, None, c * n : c * n + rows_c]).sum(-1)
-        return out.reshape(b, r, self.k).sum(1)
+        return out.reshape(r, b, self.k).sum(0)
 
     def _rows(self, blk: RowsGrad, j: int, n: int, d: int) -> torch.Tensor:
         b, r, _ = blk.values.shape
