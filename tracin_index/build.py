@@ -24,10 +24,12 @@ from .model import ModelBundle, load_checkpoints, select_parameters, triples_fin
 from .projection import DEFAULT_MEMORY, ProjectionSpec
 from .runtime import resolve_device
 from .store import BUILDS, SCHEMA_VERSION, BuildLock, Store, builds, latest_build, publish, remove_build
+from .store import _write_atomic as _write_atomic_text
 from .tracer import Tracer
 from .verify import verify_rows
 
-__all__ = ["BuildConfig", "build_index", "sample_rows", "software_versions"]
+__all__ = ["BuildConfig", "build_index", "build_shard", "finalize_build", "parse_shard", "prepare_build", "sample_rows",
+           "shard_units", "software_versions"]
 
 STRATIFY = ("relation", "none")
 
@@ -151,8 +153,20 @@ def build_index(
             held.release()
 
 
-def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, float]], config: BuildConfig, force: bool,
-                  progress: Callable[[int, int], None] | None, say: Callable[[str], None]) -> Store:
+@dataclass
+class _Plan:
+    """Everything a build derives from its inputs before computing a row."""
+
+    tracer: Tracer
+    triples: torch.Tensor
+    keep: np.ndarray
+    dtype: str
+    identity_sha: str
+    resume_sha: str
+    attrs: dict[str, Any]
+
+
+def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config: BuildConfig) -> _Plan:
     device = resolve_device(config.device)
     ckpts = load_checkpoints(bundle.model, checkpoints)
     all_triples = bundle.triples.mapped
@@ -163,7 +177,6 @@ def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, f
     triples = all_triples[torch.from_numpy(keep)]
     tracer = Tracer(bundle, ckpts, names, config.loss, config.projection, device, config.projection_memory)
     dtype = config.dtype or ("float32" if config.projection.kind == "none" else "float16")
-
     identity: dict[str, Any] = {
         "model_class": type(bundle.model).__name__,
         "inverse_triples": bool(getattr(bundle.model, "use_inverse_triples", False)),
@@ -181,23 +194,6 @@ def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, f
     identity_sha = _digest(identity)
     layout = {"batch_size": config.batch_size, "unit_rows": config.unit_rows, "device": str(device)}
     resume_sha = _digest({"identity": identity_sha, **layout})
-
-    current = latest_build(out)
-    if current is not None and not force:
-        try:
-            published = Store.open(current)
-            same = published.attrs.get("identity_sha256") == identity_sha
-            damage = verify_rows(published) if same else []
-        except StoreError as exc:
-            same, damage = True, [str(exc)]
-        if same and damage:
-            say(f"the published build {current.name} is damaged ({damage[0]}); rebuilding")
-        elif same:
-            say(f"{out} is up to date (build {current.name} has the same model, checkpoints, triples and settings); "
-                "nothing to do (--force rebuilds)")
-            published.build_report = {"skipped": True, "resumed_units": 0, "computed_units": 0, "build": current.name}
-            return published
-
     attrs: dict[str, Any] = {
         **identity,
         "identity_sha256": identity_sha,
@@ -207,7 +203,35 @@ def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, f
         "build": layout,
         "software": software_versions(),
     }
-    store: Store | None = None
+    return _Plan(tracer, triples, keep, dtype, identity_sha, resume_sha, attrs)
+
+
+def _up_to_date(out: Path, plan: _Plan, say: Callable[[str], None]) -> Store | None:
+    """The published build when it has the same inputs and settings and is undamaged, else None."""
+    current = latest_build(out)
+    if current is None:
+        return None
+    try:
+        published = Store.open(current)
+        same = published.attrs.get("identity_sha256") == plan.identity_sha
+        damage = verify_rows(published) if same else []
+    except StoreError as exc:
+        same, damage = True, [str(exc)]
+    if same and damage:
+        say(f"the published build {current.name} is damaged ({damage[0]}); rebuilding")
+        return None
+    if not same:
+        return None
+    say(f"{out} is up to date (build {current.name} has the same model, checkpoints, triples and settings); "
+        "nothing to do (--force rebuilds)")
+    published.build_report = {"skipped": True, "resumed_units": 0, "computed_units": 0, "build": current.name}
+    return published
+
+
+def _create_or_resume(out: Path, bundle: ModelBundle, plan: _Plan, config: BuildConfig, force: bool,
+                      say: Callable[[str], None]) -> tuple[Store, int]:
+    """An unfinished build with the same settings (resumed), else a new one: its attributes are written here."""
+    current = latest_build(out)
     for candidate in reversed(builds(out)) if not force else []:
         if candidate == current:
             continue
@@ -215,69 +239,245 @@ def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, f
             s = Store.open(candidate, complete=False)
         except StoreError:
             continue
-        if s.attrs.get("status") == "building" and s.attrs.get("resume_sha256") == resume_sha:
-            store = s
-            break
-    where = store.path if store is not None else out
+        if s.attrs.get("status") == "building" and s.attrs.get("resume_sha256") == plan.resume_sha:
+            resumed = int(s.done().sum())
+            say(f"resuming build {s.path.name}: {resumed} of {s.attrs['num_units']} write units are done")
+            return s, resumed
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")  # names sort by start time
+    path = out / BUILDS / f"{stamp}-{plan.identity_sha[:8]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if store is None:
-            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")  # names sort by start time
-            path = out / BUILDS / f"{stamp}-{identity_sha[:8]}"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            where = path
-            store = Store.create(
-                path, triples=triples.numpy(), train_index=keep, entity_labels=bundle.triples.entity_labels,
-                relation_labels=bundle.triples.relation_labels, width=tracer.width,
-                num_checkpoints=len(ckpts), unit_rows=config.unit_rows, dtype=dtype, attrs=attrs,
-            )
-            resumed = 0
-        else:
-            resumed = int(store.done().sum())
-            say(f"resuming build {store.path.name}: {resumed} of {store.attrs['num_units']} write units are done")
-        computed = _write_units(store, tracer, triples, config, dtype, progress)
-        problems = verify_rows(store)
-        if problems:
-            store.set_attrs(status="failed")  # never resumed: the next run starts a fresh build
-            raise StoreError(f"build {store.path.name} failed its verification ({problems[0]}); run the build again "
-                             "(it starts afresh; 'tracin-index gc --incomplete' removes the failed one)")
-        store.set_attrs(status="complete")
-        publish(out, store.path)
-    except InputError:
-        if where != out:
-            remove_build(where)  # bad input (e.g. diverged gradients): nothing worth resuming
+        store = Store.create(
+            path, triples=plan.triples.numpy(), train_index=plan.keep, entity_labels=bundle.triples.entity_labels,
+            relation_labels=bundle.triples.relation_labels, width=plan.tracer.width,
+            num_checkpoints=len(plan.tracer.checkpoints), unit_rows=config.unit_rows, dtype=plan.dtype, attrs=plan.attrs,
+        )
+    except BaseException:
+        remove_build(path)
         raise
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise StoreError(f"no space left on the device writing {where}; free space and run the same command "
-                             "again (the build resumes from its finished units)") from None
-        raise
+    return store, 0
+
+
+def _finish(out: Path, store: Store, timings: dict[str, Any]) -> None:
+    """Verify every row of a build whose units are all done, mark it complete and publish it."""
+    t0 = time.perf_counter()
+    problems = verify_rows(store)
+    timings["verify_s"] = round(time.perf_counter() - t0, 3)
+    if problems:
+        store.set_attrs(status="failed")  # never resumed: the next run starts a fresh build
+        raise StoreError(f"build {store.path.name} failed its verification ({problems[0]}); run the build again "
+                         "(it starts afresh; 'tracin-index gc --incomplete' removes the failed one)")
+    store.set_attrs(status="complete", timings=timings)
+    publish(out, store.path)
+
+
+def _guard(where: Path, out: Path, remove_on_input_error: bool = True) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def guard() -> Any:
+        try:
+            yield
+        except InputError:
+            if remove_on_input_error and where != out:
+                remove_build(where)  # bad input (e.g. diverged gradients): nothing worth resuming
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreError(f"no space left on the device writing {where}; free space and run the same command "
+                                 "again (the build resumes from its finished units)") from None
+            raise
+    return guard()
+
+
+def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, float]], config: BuildConfig, force: bool,
+                  progress: Callable[[int, int], None] | None, say: Callable[[str], None]) -> Store:
+    plan = make_plan(bundle, checkpoints, config)
+    if not force and (published := _up_to_date(out, plan, say)) is not None:
+        return published
+    with _guard(out, out):
+        store, resumed = _create_or_resume(out, bundle, plan, config, force, say)
+    with _guard(store.path, out):
+        timings = _write_units(store, plan.tracer, plan.triples, config, plan.dtype, progress)
+        _finish(out, store, timings)
     published = Store.open(out)
-    published.build_report = {"skipped": False, "resumed_units": resumed, "computed_units": computed,
-                              "build": where.name}
+    published.build_report = {"skipped": False, "resumed_units": resumed, "computed_units": timings["units_computed"],
+                              "build": store.path.name}
     return published
 
 
+# ---------------------------------------------------------------------------------------------- shards
+
+PREPARED = "PREPARED"
+
+
+def shard_units(num_units: int, shard: int, shards: int) -> list[int]:
+    """Write units of shard ``shard`` of ``shards``: a contiguous block, sizes differing by at most one."""
+    return list(range(num_units * shard // shards, num_units * (shard + 1) // shards))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {text!r} is not i/n (e.g. 0/8 for the first of 8 shards)") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--shard {text!r}: need 0 <= i < n (shards are numbered from 0, as SLURM_ARRAY_TASK_ID)")
+    return i, n
+
+
+def prepare_build(
+    bundle: ModelBundle,
+    out: str | os.PathLike[str],
+    *,
+    checkpoints: list[tuple[str, float]] | None = None,
+    config: BuildConfig | None = None,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Store:
+    """The coordinator's step before any shard runs: create (or find) the build and write its attributes.
+
+    Records the build in ``out/PREPARED``; shards find it there. Computes no rows. Returns the
+    building store, or the published one (``build_report["skipped"]``) when it is already up to date.
+    """
+    config = config or BuildConfig()
+    config.check()
+    out = Path(out)
+    say = log or (lambda _msg: None)
+    checkpoints = checkpoints or []
+    _check_out(out, bundle, checkpoints)
+    with BuildLock(out) as held:
+        if held.took_over:
+            say(f"took over the lock of a build that is no longer running ({held.took_over})")
+        plan = make_plan(bundle, checkpoints, config)
+        if not force and (published := _up_to_date(out, plan, say)) is not None:
+            (out / PREPARED).unlink(missing_ok=True)
+            return published
+        with _guard(out, out):
+            store, _ = _create_or_resume(out, bundle, plan, config, force, say)
+        _write_atomic_text(out / PREPARED, store.path.name + "\n")
+        store.build_report = {"skipped": False, "resumed_units": int(store.done().sum()), "computed_units": 0,
+                              "build": store.path.name}
+        return store
+
+
+def _prepared(out: Path) -> Store | None:
+    marker = out / PREPARED
+    if not marker.exists():
+        return None
+    name = marker.read_text().strip()
+    try:
+        return Store.open(out / BUILDS / name, complete=False)
+    except StoreError as exc:
+        raise StoreError(f"{out}/{PREPARED} names build {name!r}, which cannot be opened ({exc}); "
+                         "run the coordinator's 'tracin-index build ... --prepare' again") from None
+
+
+def build_shard(
+    bundle: ModelBundle,
+    out: str | os.PathLike[str],
+    shard: tuple[int, int],
+    *,
+    checkpoints: list[tuple[str, float]] | None = None,
+    config: BuildConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Compute shard ``(i, n)``'s missing write units of the prepared build; idempotent, lock-free.
+
+    Needs the same model, checkpoints and settings as ``prepare_build`` (checked by their hash).
+    Touches only its own units' chunks and done flags, never the attributes, so any number of shards
+    run at once. Returns ``{"units": [...], "units_computed": ..., seconds...}``.
+    """
+    config = config or BuildConfig()
+    config.check()
+    return shard_with_plan(make_plan(bundle, checkpoints or [], config), Path(out), shard, config, progress, log)
+
+
+def shard_with_plan(plan: _Plan, out: Path, shard: tuple[int, int], config: BuildConfig,
+                    progress: Callable[[int, int], None] | None = None,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:func:`build_shard` with the model, checkpoints and projection already set up (a long-lived worker)."""
+    say = log or (lambda _msg: None)
+    i, n = shard
+    store = _prepared(out)
+    if store is None:
+        current = latest_build(out)
+        if current is not None and Store.open(current).attrs.get("identity_sha256") == plan.identity_sha:
+            say(f"shard {i}/{n}: {out} is already built and published with these settings; nothing to do")
+            return {"units": [], "units_computed": 0}
+        raise StoreError(f"{out} has no prepared build; run 'tracin-index build ... --prepare' (the coordinator, once) "
+                         "before the shards")
+    if store.attrs.get("resume_sha256") != plan.resume_sha:
+        raise InputError(f"shard {i}/{n} has other inputs or settings than the build prepared at {out} "
+                         f"({store.path.name}); run every shard with the coordinator's exact options (--device included)")
+    units = shard_units(int(store.attrs["num_units"]), i, n)
+    done = store.done()
+    missing = [u for u in units if not done[u]]
+    if not missing:
+        say(f"shard {i}/{n}: its {len(units)} write units are done; nothing to do")
+        return {"units": units, "units_computed": 0}
+    with _guard(store.path, out, remove_on_input_error=False):
+        timings = _write_units(store, plan.tracer, plan.triples, config, plan.dtype, progress, units=missing)
+    return {"units": units, **timings}
+
+
+def finalize_build(out: str | os.PathLike[str], *, log: Callable[[str], None] | None = None) -> Store:
+    """The coordinator's last step: check every done flag of the prepared build, verify it, publish it."""
+    out = Path(out)
+    say = log or (lambda _msg: None)
+    with BuildLock(out):
+        store = _prepared(out)
+        if store is None:
+            if latest_build(out) is not None:
+                say(f"{out} has no prepared build; the published one stays (nothing to finalize)")
+                return Store.open(out)
+            raise StoreError(f"{out} has no prepared build to finalize; run 'tracin-index build ... --prepare' and the "
+                             "shards first")
+        done = store.done()
+        if not done.all():
+            missing = np.flatnonzero(~done)
+            raise StoreError(f"build {store.path.name}: {len(missing)} of {len(done)} write units are not done "
+                             f"(first: unit {int(missing[0])}); run the missing shards (re-running finished ones is "
+                             "harmless), then finalize again")
+        with _guard(store.path, out, remove_on_input_error=False):
+            _finish(out, store, {"units_computed": len(done)})
+        (out / PREPARED).unlink(missing_ok=True)
+        published = Store.open(out)
+        published.build_report = {"skipped": False, "resumed_units": 0, "computed_units": len(done),
+                                  "build": store.path.name}
+        return published
+
+
 def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: BuildConfig, dtype: str,
-                 progress: Callable[[int, int], None] | None) -> int:
-    """Compute and write every unit whose done flag is not set (rows first, then the flag).
+                 progress: Callable[[int, int], None] | None, units: list[int] | None = None) -> dict[str, Any]:
+    """Compute and write every unit (of ``units``, default all) whose done flag is not set (rows, then the flag).
 
     Unit ``u``'s Zarr write (checksums, file I/O) runs on a writer thread while unit ``u + 1`` is
     computed; at most one write is in flight, and every write has finished (or raised) on return.
+    Returns where the time went (``units_computed`` and seconds); writes no attributes.
     """
     done = store.done()
+    wanted = np.zeros_like(done) if units is not None else np.ones_like(done)
+    if units is not None:
+        wanted[np.asarray(units, dtype=np.int64)] = True
     started = time.perf_counter()
+    before = dict(tracer.timings)
     computed = 0
-    rows_done = 0
-    for u in np.flatnonzero(done).tolist():
-        lo, hi = store.unit_range(u)
-        rows_done += hi - lo
+    total_rows = sum(store.unit_range(int(u))[1] - store.unit_range(int(u))[0] for u in np.flatnonzero(wanted).tolist())
+    rows_done = sum(store.unit_range(int(u))[1] - store.unit_range(int(u))[0] for u in np.flatnonzero(wanted & done).tolist())
     if progress is not None:
-        progress(rows_done, store.num_rows)
-    compute_s = 0.0
-    pending: Future[None] | None = None
+        progress(rows_done, total_rows)
+    compute_s = write_s = wait_s = 0.0
+
+    def write(u: int, rows: np.ndarray, self_inf: np.ndarray, norms: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        store.write_unit(u, rows, self_inf, norms)
+        return time.perf_counter() - t0
+
+    pending: Future[float] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracin-writer") as writer:
         try:
-            for u in np.flatnonzero(~done).tolist():
+            for u in np.flatnonzero(wanted & ~done).tolist():
                 start, stop = store.unit_range(int(u))
                 t0 = time.perf_counter()
                 with torch.no_grad():
@@ -290,25 +490,30 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
                                      "float32 (or check the checkpoints' learning rates)")
                 self_inf = tracer.self_influence(r.sq_norms).cpu().numpy().astype(np.float32)
                 norms = r.sq_norms.sqrt().cpu().numpy().astype(np.float32)
-                compute_s += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                compute_s += t1 - t0
                 if pending is not None:
-                    pending.result()  # the previous unit is on disk (its flag included) before the next starts
+                    write_s += pending.result()  # the previous unit is on disk (its flag included) before the next starts
+                    wait_s += time.perf_counter() - t1
                     computed += 1
                     if progress is not None:
-                        progress(rows_done, store.num_rows)
-                pending = writer.submit(store.write_unit, int(u), rows, self_inf, norms)
+                        progress(rows_done, total_rows)
+                pending = writer.submit(write, int(u), rows, self_inf, norms)
                 rows_done += stop - start
             if pending is not None:
-                pending.result()
+                t1 = time.perf_counter()
+                write_s += pending.result()
+                wait_s += time.perf_counter() - t1
                 computed += 1
                 pending = None
                 if progress is not None:
-                    progress(rows_done, store.num_rows)
+                    progress(rows_done, total_rows)
         finally:
             if pending is not None:
                 with contextlib.suppress(Exception):
                     pending.result()  # a failure elsewhere waits for the write in flight, then propagates
-    total = time.perf_counter() - started
-    store.set_attrs(timings={"gradients_s": round(total, 3), "compute_s": round(compute_s, 3),
-                             "units_computed": computed})
-    return computed
+    return {"units_computed": computed, "units_s": round(time.perf_counter() - started, 3),
+            "compute_s": round(compute_s, 3),
+            "gradients_s": round(tracer.timings["gradients_s"] - before["gradients_s"], 3),
+            "projection_s": round(tracer.timings["projection_s"] - before["projection_s"], 3),
+            "zarr_write_s": round(write_s, 3), "zarr_wait_s": round(wait_s, 3)}

@@ -137,19 +137,36 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
               help="Stored rows (default float16 for projections, float32 for --projection none).")
 @click.option("--force", is_flag=True, help="Rebuild even when the published build has the same inputs and settings.")
+@click.option("--prepare", is_flag=True,
+              help="Distributed builds, step 1 (once): create the build and its attributes, compute nothing.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Distributed builds, step 2: compute only shard I of N (from 0; idempotent, any number at once).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: prepare, run the shards on a Ray cluster, finalize (pip install 'tracin-index[ray]').")
+@click.option("--ray-address", default=None, help="With --executor ray: the cluster to join (default: start a local one).")
+@click.option("--workers", type=int, default=None, help="With --executor ray: actors (default: GPUs, else CPUs, of the cluster).")
+@click.option("--gpus-per-worker", type=float, default=0, show_default=True, help="With --executor ray: GPUs per actor.")
+@click.option("--shards", type=int, default=None, help="With --executor ray: shards in the queue (default: 4 per worker).")
 @_threads_option
 @_user_errors
 def build(model: Path, model_class: str | None, model_kwargs: str | None, inverse_triples: bool | None,
           triples: Path | None, entity_to_id: Path | None, relation_to_id: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: Path, layers: str,
           loss: str, projection: str, dim: int, seed: int, batch_size: int, device: str, sample_rate: float,
-          stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, force: bool, threads: int | None) -> None:
+          stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, force: bool, prepare: bool,
+          shard: str | None, executor: str, ray_address: str | None, workers: int | None, gpus_per_worker: float,
+          shards: int | None, threads: int | None) -> None:
     """Index the gradients of every training triple of MODEL into the index directory OUT.
 
     Each build goes to OUT/builds/ and is published (OUT/LATEST) only when complete and verified; a
     killed build resumes when the same command runs again; an unchanged model is not rebuilt.
+
+    Distributed: run `build ... --prepare` once, then `build ... --shard I/N` for I = 0..N-1 (any
+    scheduler's array job; same options), then `tracin-index finalize OUT`. `--executor ray` does all
+    three on a Ray cluster.
     """
     from .build import BuildConfig
+    from .errors import InputError
     from .projection import ProjectionSpec
     from .runtime import configure_threads
     configure_threads(threads)
@@ -158,6 +175,45 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
                          batch_size=batch_size, device=device, sample_rate=sample_rate, stratify=stratify,
                          sample_seed=sample_seed, unit_rows=unit_rows, dtype=dtype)
     config.check()
+    modes = [name for name, on in (("--prepare", prepare), ("--shard", shard is not None),
+                                   ("--executor ray", executor == "ray")) if on]
+    if len(modes) > 1:
+        raise InputError(f"{' and '.join(modes)} exclude each other; give one")
+    if executor != "ray" and (ray_address or workers or gpus_per_worker or shards):
+        raise InputError("--ray-address/--workers/--gpus-per-worker/--shards need --executor ray")
+    specs_args = (checkpoint, lr, checkpoint_dir)
+    if shard is not None:
+        from .build import build_shard, parse_shard
+
+        i_n = parse_shard(shard)
+        bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
+        with _bar(0, f"shard {shard}") as progress:
+            report = build_shard(bundle, out, i_n, checkpoints=_checkpoints(*specs_args), config=config,
+                                 progress=progress, log=lambda msg: click.echo(msg, err=True))
+        if report["units_computed"]:
+            click.echo(f"shard {shard}: computed {report['units_computed']} of its {len(report['units'])} write units "
+                       f"({time.perf_counter() - started:.1f} s); run 'tracin-index finalize {out}' when all shards are done")
+        return
+    if prepare:
+        from .build import prepare_build
+
+        bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
+        store = prepare_build(bundle, out, checkpoints=_checkpoints(*specs_args), config=config, force=force,
+                              log=lambda msg: click.echo(msg, err=True))
+        if not (store.build_report or {}).get("skipped"):
+            click.echo(f"prepared build {store.path.name} in {out}: {store.attrs['num_units']} write units; run the "
+                       f"shards (build ... --shard I/N, same options), then 'tracin-index finalize {out}'")
+        return
+    if executor == "ray":
+        from .distributed import ray_build
+
+        bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
+        store = ray_build(bundle, out, checkpoints=_checkpoints(*specs_args), config=config, force=force,
+                          address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker, shards=shards,
+                          log=lambda msg: click.echo(msg, err=True))
+        if not (store.build_report or {}).get("skipped"):
+            click.echo(f"indexed {store.num_rows:,} rows into {out} on Ray ({time.perf_counter() - started:.1f} s)")
+        return
     from .store import BuildLock
 
     # Lock before loading anything, so a second builder fails fast. The lock refuses a file or a foreign
@@ -227,6 +283,10 @@ def _index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--layers", default=None, help="Refuse unless the index tracks these layers."),
         click.option("--loss", default=None, help="Refuse unless the index used this loss."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda (test gradients and re-rank)."),
+        click.option("--search", "search", type=click.Choice(["auto", "faiss", "torch", "stream"]), default="auto",
+                     show_default=True, help="Candidate search: stream reads the store block by block (larger than RAM)."),
+        click.option("--memory", default=None, metavar="SIZE",
+                     help="Memory the search may hold, e.g. 512MB or 4GB (auto streams when the index would not fit)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -256,12 +316,31 @@ def _ranking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 MODE_CHOICES = ("dot", "cosine", "abs")
 
 
+def parse_size(text: str | None) -> int | None:
+    """``"512MB"``, ``"4GB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes."""
+    from .errors import InputError
+
+    if text is None:
+        return None
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower()
+    number = t.rstrip("kmgtib")
+    try:
+        value = float(number) * units[t[len(number):].strip()]
+    except (ValueError, KeyError):
+        value = -1
+    if value <= 0:
+        raise InputError(f"--memory {text!r} is not a size; give e.g. 512MB or 4GB")
+    return int(value)
+
+
 def _open(index: Path, model: Path | None, checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None,
-          loss: str | None, device: str) -> Any:
+          loss: str | None, device: str, search: str = "auto", memory: str | None = None) -> Any:
     from .query import open_index
 
     return open_index(index, model=model, checkpoints=_checkpoints(checkpoint, lr) if checkpoint or lr else None,
-                      layers=layers, loss=loss, device=device)
+                      layers=layers, loss=loss, device=device, search=search, memory=parse_size(memory))
 
 
 @main.command()
@@ -275,12 +354,12 @@ def _open(index: Path, model: Path | None, checkpoint: tuple[Path, ...], lr: tup
 def query(index: Path, triple: tuple[str, ...], top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
           candidates: int | None, opponent_candidates: int | None, no_rerank: bool, as_json: bool, model: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None, loss: str | None, device: str,
-          threads: int | None) -> None:
+          search: str, memory: str | None, threads: int | None) -> None:
     """Top proponents and opponents of test triples in INDEX."""
     from .runtime import configure_threads
 
     configure_threads(threads)
-    idx = _open(index, model, checkpoint, lr, layers, loss, device)
+    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory)
     results = idx.query(list(triple), k=top_k, mode=mode, relations=list(relation) or None, neighbourhood=neighbourhood,
                         candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank)
     if as_json:
@@ -328,7 +407,7 @@ def _bar(length: int, label: str) -> Iterator[Callable[[int, int], None]]:
 
     def progress(done: int, _total: int) -> None:
         if state["bar"] is None:
-            bar: Any = click.progressbar(length=length, label=label, file=sys.stderr)
+            bar: Any = click.progressbar(length=length or _total, label=label, file=sys.stderr)
             state["bar"] = bar.__enter__()
         state["bar"].update(done - state["seen"])
         state["seen"] = done
@@ -356,7 +435,8 @@ def _bar(length: int, label: str) -> Iterator[Callable[[int, int], None]]:
 def score(index: Path, test: str, out: Path, top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
           candidates: int | None, opponent_candidates: int | None, no_rerank: bool, aggregate: bool,
           test_indices: str | None, batch_size: int, overwrite: bool, model: Path | None, checkpoint: tuple[Path, ...],
-          lr: tuple[float, ...], layers: str | None, loss: str | None, device: str, threads: int | None) -> None:
+          lr: tuple[float, ...], layers: str | None, loss: str | None, device: str, search: str, memory: str | None,
+          threads: int | None) -> None:
     """Score a whole test set against INDEX into a results file (restartable: run it again after a kill)."""
     from .errors import InputError
     from .query import TRAIN_COLUMNS
@@ -368,7 +448,7 @@ def score(index: Path, test: str, out: Path, top_k: int, mode: str, relation: tu
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
     started = time.perf_counter()
-    idx = _open(index, model, checkpoint, lr, layers, loss, device)
+    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory)
     triples = _test_triples(idx, test)
     positions = _parse_indices(test_indices, len(triples))
     if positions is not None:
@@ -634,6 +714,19 @@ def verify(index: Path, no_model: bool, as_json: bool) -> None:
 
 @main.command()
 @click.argument("index", type=PATH)
+@_user_errors
+def finalize(index: Path) -> None:
+    """Distributed builds, step 3: check every shard's done flags, verify, publish the build of INDEX."""
+    from .build import finalize_build
+
+    store = finalize_build(index, log=lambda msg: click.echo(msg, err=True))
+    report = store.build_report or {}
+    if report.get("build"):
+        click.echo(f"published build {report['build']} of {index}: {store.num_rows:,} rows")
+
+
+@main.command()
+@click.argument("index", type=PATH)
 @click.option("--keep", type=int, default=3, show_default=True, help="Complete builds to keep (the published one always).")
 @click.option("--incomplete", is_flag=True, help="Also remove unfinished builds (otherwise kept for resuming).")
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
@@ -657,7 +750,10 @@ def gc(index: Path, keep: int, incomplete: bool, dry_run: bool) -> None:
             except TracinError:
                 status = None
             (complete if status == "complete" else unfinished).append(b)
-        doomed = [b for b in complete[:-keep] if b != current] + (unfinished if incomplete else [])
+        prepared = (index / "PREPARED").read_text().strip() if (index / "PREPARED").exists() else None
+        # the prepared build of a distributed run is never collected: its shards may be writing
+        doomed = [b for b in complete[:-keep] if b != current] + (
+            [b for b in unfinished if b.name != prepared] if incomplete else [])
         for b in doomed:
             click.echo(f"{'would remove' if dry_run else 'removing'} {b}")
             if not dry_run:

@@ -222,14 +222,15 @@ class TracinIndex:
     ``self_influence`` ranks training triples by their own influence, ``info`` gives the settings.
     """
 
-    def __init__(self, store: Store, tracer: Tracer, labels: TriplesData, search_backend: str = "auto") -> None:
+    def __init__(self, store: Store, tracer: Tracer, labels: TriplesData, search_backend: str = "auto",
+                 memory: int | None = None) -> None:
         self.store = store
         self.tracer = tracer
         self.labels = labels
         self.triples = torch.from_numpy(store.read("triples").astype(np.int64))
         self.train_index = store.read("train_index").astype(np.int64)
         # built from the rows, every chunk's checksum checked: FAISS on the CPU, a torch scan on a GPU
-        self.searcher = make_searcher(store, tracer.device, search_backend)
+        self.searcher = make_searcher(store, tracer.device, search_backend, memory)
         self._inv_norms = _reciprocal(store.read("norms").astype(np.float32))  # (N, C): the cosine mode's row scale
 
     @property
@@ -550,13 +551,16 @@ def open_index(
     projection: ProjectionSpec | None = None,
     device: str | None = "cpu",
     search: str = "auto",
+    memory: int | None = None,
 ) -> TracinIndex:
     """Open a built index with the model it was built from (or ``model``), refusing any mismatch.
 
     ``layers``, ``loss`` and ``projection``, when given, must equal the store's; the model's and the
     checkpoints' fingerprints must equal the recorded ones. ``search``: the candidate-search backend,
-    ``auto`` (FAISS on the CPU; on a GPU faiss-gpu if installed, else a torch scan there), ``faiss`` or
-    ``torch``.
+    ``auto`` (FAISS on the CPU; on a GPU faiss-gpu if installed, else a torch scan there; a stream from
+    the store when the rows do not fit in memory), ``faiss``, ``torch`` or ``stream`` (exact, one block
+    of at most ``memory`` bytes in RAM at a time: stores larger than memory). ``memory``: the bytes the
+    search may hold (default: the in-memory index if it fits in half the available RAM, else 256 MiB blocks).
     """
     store = Store.open(path)
     attrs = store.attrs
@@ -609,4 +613,4 @@ def open_index(
     tracer = Tracer(bundle, ckpts, names, attrs["loss"], spec, resolve_device(device))
     ent, rel = store.labels()
     labels = TriplesData(mapped=bundle.triples.mapped, entity_labels=ent, relation_labels=rel)
-    return TracinIndex(store, tracer, labels, search)
+    return TracinIndex(store, tracer, labels, search, memory)

@@ -5,25 +5,30 @@ Two engines over the same rows, both exact over the projected rows:
 - FAISS ``IndexFlatIP`` for the plain case (raw dot products, no restriction): :func:`search`;
 - a blocked scan (torch matmul + top-k per block, merged) for everything FAISS's flat index cannot do
   in one call: per-row weights (the cosine mode) and per-query masks (candidate filters applied before
-  the top-K cut): :func:`scan`. Memory is ``block_rows x M`` scores at a time, never ``N x M``.
+  the top-K cut): :func:`scan`. Memory is ``block_rows x M`` scores at a time, never ``N x M``;
+- the same scan streamed from the store, block by block (:class:`StreamSearcher`), for stores larger
+  than memory: exact, one read of the store per search (batch the queries: bulk scoring does).
 
 :func:`make_searcher` picks the backend: FAISS on the CPU; on a CUDA device, FAISS's GPU index when
 the installed faiss has GPU support (faiss-gpu), else the blocked scan on the GPU (rows held there in
-float16, products in float32), so a GPU machine needs no faiss-gpu wheel.
+float16, products in float32), so a GPU machine needs no faiss-gpu wheel. When the float32 rows would
+not fit (in ``memory`` bytes if given, else half the available RAM), ``auto`` streams from the store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import faiss
 import numpy as np
 import torch
 
+from .errors import InputError
 from .store import Store
 
-__all__ = ["FaissSearcher", "Searcher", "TorchSearcher", "build_flat_index", "flat_rows", "make_searcher", "scan", "search"]
+__all__ = ["FaissSearcher", "Searcher", "StreamSearcher", "TorchSearcher", "build_flat_index", "flat_rows", "make_searcher",
+           "scan", "scan_blocks", "search"]
 
 Mask = Callable[[int, int], torch.Tensor | None]
 
@@ -76,22 +81,43 @@ def scan(
     best first; missing places (fewer allowed rows than asked) have id -1.
     """
     table = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
-    dev = table.device
+    n = table.shape[0]
+    blocks = ((start, table[start : min(n, start + block_rows)]) for start in range(0, n, block_rows))
+    return scan_blocks(blocks, n, queries, n_top, n_bottom, row_scale=row_scale, mask=mask, device=table.device)
+
+
+def scan_blocks(
+    blocks: Iterable[tuple[int, np.ndarray | torch.Tensor]],
+    n: int,
+    queries: np.ndarray,
+    n_top: int,
+    n_bottom: int,
+    *,
+    row_scale: np.ndarray | None = None,
+    mask: Mask | None = None,
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`scan` over ``(start, rows)`` blocks of ``n`` rows in all, merging each block's top-K.
+
+    Only one block is held at a time, so the rows may come from disk (or object storage) block by
+    block: the exact search over a store larger than memory.
+    """
+    dev = device or torch.device("cpu")
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(dev)
     m = q.shape[0]
-    n = table.shape[0]
     n_top, n_bottom = max(0, min(n_top, n)), max(0, min(n_bottom, n))
     best = [torch.full((m, 0), -torch.inf, device=dev), torch.full((m, 0), -torch.inf, device=dev)]
     best_ids = [torch.zeros((m, 0), dtype=torch.long, device=dev), torch.zeros((m, 0), dtype=torch.long, device=dev)]
     wanted = (n_top, n_bottom)
-    for start in range(0, n, block_rows):
-        stop = min(n, start + block_rows)
-        block = table[start:stop].to(torch.float32)
+    for start, rows in blocks:
+        stop = start + int(rows.shape[0])
+        block = (rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)).to(device=dev, dtype=torch.float32)
         if row_scale is not None:
             c = row_scale.shape[1]
             w = torch.from_numpy(np.ascontiguousarray(row_scale[start:stop], dtype=np.float32)).to(dev)
             block = (block.reshape(stop - start, c, -1) * w[:, :, None]).reshape(stop - start, -1)
         scores = (block @ q.T).T  # (M, b)
+        del block
         allowed = mask(start, stop) if mask is not None else None
         if allowed is not None:
             allowed = allowed.to(dev)
@@ -156,10 +182,53 @@ class TorchSearcher(Searcher):
         return scan(self.rows, q, n_top, n_bottom, row_scale=row_scale, mask=mask)
 
 
-def make_searcher(store: Store, device: torch.device, backend: str = "auto") -> Searcher:
-    """The search backend for ``device``: ``auto`` (see the module docstring), ``faiss`` or ``torch``."""
-    if backend not in ("auto", "faiss", "torch"):
-        raise ValueError(f"unknown search backend {backend!r}")
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: assume it fits
+
+
+def _fits_in_memory(store: Store, memory: int | None) -> bool:
+    """Whether the in-memory float32 index fits: within ``memory`` if given, else half the available RAM."""
+    need = store.num_rows * int(store.attrs["width"]) * 4
+    return need <= (memory if memory is not None else _available_memory() // 2)
+
+
+class StreamSearcher(Searcher):
+    """Exact search straight from the store, one block of rows in memory at a time (a store larger than RAM).
+
+    ``memory`` bounds the bytes of one block (its stored rows, their float32 copy and the scores);
+    every search reads the whole store once, so its time is the store's read time.
+    """
+
+    backend = "stream"
+
+    def __init__(self, store: Store, memory: int = 256 * 2**20, device: torch.device | None = None) -> None:
+        self.store, self.width = store, int(store.attrs["width"])
+        self.device = device or torch.device("cpu")
+        # a row costs its stored bytes about three times over while Zarr decodes (chunk, checksum, output),
+        # plus its float32 copy: measured 11 bytes per float16 number (tracemalloc, tests/test_distributed.py)
+        per_row = self.width * (3 * np.dtype(str(store.array("grads").dtype)).itemsize + 5)
+        unit = int(store.attrs["unit_rows"])  # whole chunks: a chunk is never read twice
+        self.block_rows = max(unit, (memory // per_row) // unit * unit)
+
+    def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
+               mask: Mask | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return scan_blocks(self.store.iter_rows(self.block_rows), self.store.num_rows, q, n_top, n_bottom,
+                           row_scale=row_scale, mask=mask, device=self.device)
+
+
+def make_searcher(store: Store, device: torch.device, backend: str = "auto", memory: int | None = None) -> Searcher:
+    """The search backend for ``device``: ``auto`` (see the module docstring), ``faiss``, ``torch`` or ``stream``."""
+    if backend not in ("auto", "faiss", "torch", "stream"):
+        raise InputError(f"--search {backend!r} is unknown; choose auto, faiss, torch or stream")
+    if backend == "stream" or (backend == "auto" and not _fits_in_memory(store, memory)):
+        return StreamSearcher(store, memory or 256 * 2**20, device)
     on_gpu = device.type == "cuda"
     faiss_gpu = on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if backend == "torch" or (backend == "auto" and on_gpu and not faiss_gpu):

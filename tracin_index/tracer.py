@@ -8,6 +8,7 @@ it exactly from the factored gradients.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,11 @@ class Tracer:
         self.computer = GradientComputer(self.model, self.tracked, self.loss)
         self._loaded: int | None = None
         self._checked = False
+        self.timings = {"gradients_s": 0.0, "projection_s": 0.0}  # accumulated by rows(), for build reports
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @property
     def width(self) -> int:
@@ -82,8 +88,14 @@ class Tracer:
         for c, ckpt in enumerate(self.checkpoints):
             proj, sq, blocks_c = [], [], []
             for start in range(0, triples.shape[0], batch_size):
+                t0 = time.perf_counter()
                 blocks = self.gradients(triples[start : start + batch_size], c)
+                self._sync()
+                t1 = time.perf_counter()
                 proj.append(self.projector(blocks) * math.sqrt(ckpt.lr))
+                self._sync()
+                self.timings["gradients_s"] += t1 - t0
+                self.timings["projection_s"] += time.perf_counter() - t1
                 sq.append(sq_norms(blocks))
                 if keep_blocks:
                     blocks_c.append(blocks)
