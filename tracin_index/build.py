@@ -7,7 +7,6 @@ import datetime
 import errno
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, StoreError
+from .location import StorePath, Where, location
 from .losses import DEFAULT_LOSS
 from .model import ModelBundle, load_checkpoints, select_parameters, triples_fingerprint
 from .projection import DEFAULT_MEMORY, ProjectionSpec
@@ -100,14 +100,15 @@ def sample_rows(triples: torch.Tensor, rate: float, stratify: str = "relation", 
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
-def _check_out(out: Path, bundle: ModelBundle, checkpoints: list[tuple[str, float]]) -> None:
+def _check_out(out: StorePath, bundle: ModelBundle, checkpoints: list[tuple[str, float]]) -> None:
     inputs = [Path(bundle.source["path"])] + [Path(p) for p, _ in checkpoints]
     inputs += [Path(bundle.source[k]) for k in ("triples", "entity_to_id", "relation_to_id") if bundle.source.get(k)]
-    target = out.resolve()
-    for p in inputs:
-        src = p.resolve()
-        if target == src or target in src.parents or src in target.parents:
-            raise InputError(f"output {out} would overwrite or nest inside the input {p}; choose another --out")
+    if isinstance(out, Path):  # the inputs are local files: a bucket cannot overwrite them
+        target = out.resolve()
+        for p in inputs:
+            src = p.resolve()
+            if target == src or target in src.parents or src in target.parents:
+                raise InputError(f"output {out} would overwrite or nest inside the input {p}; choose another --out")
     if (out / "zarr.json").exists():
         raise InputError(f"{out} is a single build, not an index directory; choose a new --out (builds go to OUT/builds/)")
     # a file or a foreign directory as --out is refused by BuildLock, before it creates anything
@@ -119,7 +120,7 @@ def _digest(obj: Any) -> str:
 
 def build_index(
     bundle: ModelBundle,
-    out: str | os.PathLike[str],
+    out: Where,
     *,
     checkpoints: list[tuple[str, float]] | None = None,
     config: BuildConfig | None = None,
@@ -132,14 +133,15 @@ def build_index(
 
     ``out`` is an index directory: each build is written to ``out/builds/<UTC time>-<settings hash>``,
     verified, and published by replacing ``out/LATEST`` in one atomic step, so readers keep serving the
-    previous build until then. One builder per index (``out/.lock``). When the published build has the
+    previous build until then. One builder per index (``out/.lock``). ``out`` may be an ``s3://bucket/prefix``
+    URL (see :mod:`tracin_index.location`). When the published build has the
     same inputs and settings, nothing is done (``force`` rebuilds). An unfinished build with the same
     inputs and settings (killed, out of space) is resumed from its finished write units, and ends
     byte-identical to an uninterrupted build. ``store.build_report`` says which of these happened.
     """
     config = config or BuildConfig()
     config.check()
-    out = Path(out)
+    out = location(out)
     say = log or (lambda _msg: None)
     checkpoints = checkpoints or []
     _check_out(out, bundle, checkpoints)
@@ -147,7 +149,7 @@ def build_index(
     try:
         if held.took_over:
             say(f"took over the lock of a build that is no longer running ({held.took_over})")
-        return _build_locked(bundle, out, checkpoints, config, force, progress, say)
+        return _build_locked(bundle, out, checkpoints, config, force, progress, say, held)
     finally:
         if lock is None:
             held.release()
@@ -206,7 +208,7 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
     return _Plan(tracer, triples, keep, dtype, identity_sha, resume_sha, attrs)
 
 
-def _up_to_date(out: Path, plan: _Plan, say: Callable[[str], None]) -> Store | None:
+def _up_to_date(out: StorePath, plan: _Plan, say: Callable[[str], None]) -> Store | None:
     """The published build when it has the same inputs and settings and is undamaged, else None."""
     current = latest_build(out)
     if current is None:
@@ -228,7 +230,7 @@ def _up_to_date(out: Path, plan: _Plan, say: Callable[[str], None]) -> Store | N
     return published
 
 
-def _create_or_resume(out: Path, bundle: ModelBundle, plan: _Plan, config: BuildConfig, force: bool,
+def _create_or_resume(out: StorePath, bundle: ModelBundle, plan: _Plan, config: BuildConfig, force: bool,
                       say: Callable[[str], None]) -> tuple[Store, int]:
     """An unfinished build with the same settings (resumed), else a new one: its attributes are written here."""
     current = latest_build(out)
@@ -258,7 +260,7 @@ def _create_or_resume(out: Path, bundle: ModelBundle, plan: _Plan, config: Build
     return store, 0
 
 
-def _finish(out: Path, store: Store, timings: dict[str, Any]) -> None:
+def _finish(out: StorePath, store: Store, timings: dict[str, Any], lock: BuildLock | None = None) -> None:
     """Verify every row of a build whose units are all done, mark it complete and publish it."""
     t0 = time.perf_counter()
     problems = verify_rows(store)
@@ -267,11 +269,13 @@ def _finish(out: Path, store: Store, timings: dict[str, Any]) -> None:
         store.set_attrs(status="failed")  # never resumed: the next run starts a fresh build
         raise StoreError(f"build {store.path.name} failed its verification ({problems[0]}); run the build again "
                          "(it starts afresh; 'tracin-index gc --incomplete' removes the failed one)")
+    if lock is not None:
+        lock.check()  # an object lock whose lease lapsed meanwhile: another builder owns the index now
     store.set_attrs(status="complete", timings=timings)
     publish(out, store.path)
 
 
-def _guard(where: Path, out: Path, remove_on_input_error: bool = True) -> contextlib.AbstractContextManager[None]:
+def _guard(where: StorePath, out: StorePath, remove_on_input_error: bool = True) -> contextlib.AbstractContextManager[None]:
     @contextlib.contextmanager
     def guard() -> Any:
         try:
@@ -288,8 +292,9 @@ def _guard(where: Path, out: Path, remove_on_input_error: bool = True) -> contex
     return guard()
 
 
-def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, float]], config: BuildConfig, force: bool,
-                  progress: Callable[[int, int], None] | None, say: Callable[[str], None]) -> Store:
+def _build_locked(bundle: ModelBundle, out: StorePath, checkpoints: list[tuple[str, float]], config: BuildConfig, force: bool,
+                  progress: Callable[[int, int], None] | None, say: Callable[[str], None],
+                  lock: BuildLock | None = None) -> Store:
     plan = make_plan(bundle, checkpoints, config)
     if not force and (published := _up_to_date(out, plan, say)) is not None:
         return published
@@ -297,7 +302,7 @@ def _build_locked(bundle: ModelBundle, out: Path, checkpoints: list[tuple[str, f
         store, resumed = _create_or_resume(out, bundle, plan, config, force, say)
     with _guard(store.path, out):
         timings = _write_units(store, plan.tracer, plan.triples, config, plan.dtype, progress)
-        _finish(out, store, timings)
+        _finish(out, store, timings, lock)
     published = Store.open(out)
     published.build_report = {"skipped": False, "resumed_units": resumed, "computed_units": timings["units_computed"],
                               "build": store.path.name}
@@ -327,7 +332,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def prepare_build(
     bundle: ModelBundle,
-    out: str | os.PathLike[str],
+    out: Where,
     *,
     checkpoints: list[tuple[str, float]] | None = None,
     config: BuildConfig | None = None,
@@ -341,7 +346,7 @@ def prepare_build(
     """
     config = config or BuildConfig()
     config.check()
-    out = Path(out)
+    out = location(out)
     say = log or (lambda _msg: None)
     checkpoints = checkpoints or []
     _check_out(out, bundle, checkpoints)
@@ -360,7 +365,7 @@ def prepare_build(
         return store
 
 
-def _prepared(out: Path) -> Store | None:
+def _prepared(out: StorePath) -> Store | None:
     marker = out / PREPARED
     if not marker.exists():
         return None
@@ -374,7 +379,7 @@ def _prepared(out: Path) -> Store | None:
 
 def build_shard(
     bundle: ModelBundle,
-    out: str | os.PathLike[str],
+    out: Where,
     shard: tuple[int, int],
     *,
     checkpoints: list[tuple[str, float]] | None = None,
@@ -390,10 +395,10 @@ def build_shard(
     """
     config = config or BuildConfig()
     config.check()
-    return shard_with_plan(make_plan(bundle, checkpoints or [], config), Path(out), shard, config, progress, log)
+    return shard_with_plan(make_plan(bundle, checkpoints or [], config), location(out), shard, config, progress, log)
 
 
-def shard_with_plan(plan: _Plan, out: Path, shard: tuple[int, int], config: BuildConfig,
+def shard_with_plan(plan: _Plan, out: StorePath, shard: tuple[int, int], config: BuildConfig,
                     progress: Callable[[int, int], None] | None = None,
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """:func:`build_shard` with the model, checkpoints and projection already set up (a long-lived worker)."""
@@ -421,11 +426,11 @@ def shard_with_plan(plan: _Plan, out: Path, shard: tuple[int, int], config: Buil
     return {"units": units, **timings}
 
 
-def finalize_build(out: str | os.PathLike[str], *, log: Callable[[str], None] | None = None) -> Store:
+def finalize_build(out: Where, *, log: Callable[[str], None] | None = None) -> Store:
     """The coordinator's last step: check every done flag of the prepared build, verify it, publish it."""
-    out = Path(out)
+    out = location(out)
     say = log or (lambda _msg: None)
-    with BuildLock(out):
+    with BuildLock(out) as held:
         store = _prepared(out)
         if store is None:
             if latest_build(out) is not None:
@@ -440,7 +445,7 @@ def finalize_build(out: str | os.PathLike[str], *, log: Callable[[str], None] | 
                              f"(first: unit {int(missing[0])}); run the missing shards (re-running finished ones is "
                              "harmless), then finalize again")
         with _guard(store.path, out, remove_on_input_error=False):
-            _finish(out, store, {"units_computed": len(done)})
+            _finish(out, store, {"units_computed": len(done)}, held)
         (out / PREPARED).unlink(missing_ok=True)
         published = Store.open(out)
         published.build_report = {"skipped": False, "resumed_units": 0, "computed_units": len(done),

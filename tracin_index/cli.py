@@ -16,8 +16,26 @@ import click
 import numpy as np
 
 from .errors import TracinError
+from .location import StorePath, location
 
 PATH = click.Path(path_type=Path)
+
+
+class _IndexLocation(click.ParamType):
+    """An index directory or an ``s3://bucket/prefix`` URL (``click.Path`` would collapse ``s3://`` to ``s3:/``)."""
+
+    name = "path|s3://url"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> StorePath:
+        from .errors import InputError
+
+        try:
+            return location(value)
+        except InputError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+INDEX = _IndexLocation()
 
 
 def _quiet_libraries() -> None:
@@ -52,6 +70,13 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing was published.", err=True)
             sys.exit(130)
+        except Exception as exc:  # the object store's client (botocore, s3fs): also the environment
+            from .location import remote_error
+
+            if debug or not type(exc).__module__.startswith(("botocore", "aiobotocore", "s3fs", "aiohttp")):
+                raise
+            click.echo(f"Error: {remote_error(exc)}", err=True)
+            sys.exit(1)
 
     return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
 
@@ -119,7 +144,7 @@ def main() -> None:
 @click.option("--model", "model", type=PATH, required=True,
               help="pykeen results directory (save_to_directory), a torch.save model file, or a state dict.")
 @_model_options
-@click.option("--out", type=PATH, required=True, help="Directory of the index to create.")
+@click.option("--out", type=INDEX, required=True, help="Directory (or s3://bucket/prefix URL) of the index to create.")
 @click.option("--layers", default="last:2", show_default=True, help="last:N (forward order), all, or parameter/layer names.")
 @click.option("--loss", default="bce", show_default=True, help="Per-triple loss: bce, ce or score.")
 @click.option("--projection", default="sparse", show_default=True, help="sparse (TensorSketch), gaussian or none (exact).")
@@ -151,7 +176,7 @@ def main() -> None:
 @_user_errors
 def build(model: Path, model_class: str | None, model_kwargs: str | None, inverse_triples: bool | None,
           triples: Path | None, entity_to_id: Path | None, relation_to_id: Path | None,
-          checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: Path, layers: str,
+          checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: StorePath, layers: str,
           loss: str, projection: str, dim: int, seed: int, batch_size: int, device: str, sample_rate: float,
           stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, force: bool, prepare: bool,
           shard: str | None, executor: str, ray_address: str | None, workers: int | None, gpus_per_worker: float,
@@ -224,7 +249,7 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
         _build(bundle, out, specs, config, force, started, lock)
 
 
-def _build(bundle: Any, out: Path, specs: list[tuple[str, float]], config: Any, force: bool, started: float,
+def _build(bundle: Any, out: StorePath, specs: list[tuple[str, float]], config: Any, force: bool, started: float,
            lock: Any = None) -> Any:
     from .build import build_index, sample_rows
 
@@ -335,7 +360,7 @@ def parse_size(text: str | None) -> int | None:
     return int(value)
 
 
-def _open(index: Path, model: Path | None, checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None,
+def _open(index: StorePath, model: Path | None, checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None,
           loss: str | None, device: str, search: str = "auto", memory: str | None = None) -> Any:
     from .query import open_index
 
@@ -344,14 +369,14 @@ def _open(index: Path, model: Path | None, checkpoint: tuple[Path, ...], lr: tup
 
 
 @main.command()
-@click.argument("index", type=PATH)
+@click.argument("index", type=INDEX)
 @click.option("--triple", "triple", multiple=True, required=True, help='"head relation tail" labels (repeatable).')
 @_ranking_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_index_options
 @_threads_option
 @_user_errors
-def query(index: Path, triple: tuple[str, ...], top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
+def query(index: StorePath, triple: tuple[str, ...], top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
           candidates: int | None, opponent_candidates: int | None, no_rerank: bool, as_json: bool, model: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None, loss: str | None, device: str,
           search: str, memory: str | None, threads: int | None) -> None:
@@ -420,7 +445,7 @@ def _bar(length: int, label: str) -> Iterator[Callable[[int, int], None]]:
 
 
 @main.command()
-@click.argument("index", type=PATH)
+@click.argument("index", type=INDEX)
 @click.option("--test", "test", required=True,
               help="Test triples: a label TSV, a pykeen triples directory, or pykeen:DATASET[:SPLIT] (e.g. pykeen:nations).")
 @click.option("--out", type=PATH, required=True, help="Results file: .parquet or .jsonl (the extension picks).")
@@ -432,7 +457,7 @@ def _bar(length: int, label: str) -> Iterator[Callable[[int, int], None]]:
 @_index_options
 @_threads_option
 @_user_errors
-def score(index: Path, test: str, out: Path, top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
+def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
           candidates: int | None, opponent_candidates: int | None, no_rerank: bool, aggregate: bool,
           test_indices: str | None, batch_size: int, overwrite: bool, model: Path | None, checkpoint: tuple[Path, ...],
           lr: tuple[float, ...], layers: str | None, loss: str | None, device: str, search: str, memory: str | None,
@@ -474,13 +499,13 @@ def score(index: Path, test: str, out: Path, top_k: int, mode: str, relation: tu
 
 
 @main.command("self-influence")
-@click.argument("index", type=PATH)
+@click.argument("index", type=INDEX)
 @click.option("--top", type=int, default=None, help="How many to list (default: 20 shown, all written to --out).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--out", type=PATH, default=None, help="Also write the ranking (all rows unless --top) to .parquet/.jsonl.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @_user_errors
-def self_influence(index: Path, top: int | None, as_json: bool, out: Path | None, overwrite: bool) -> None:
+def self_influence(index: StorePath, top: int | None, as_json: bool, out: Path | None, overwrite: bool) -> None:
     """Training triples of INDEX ranked by exact self-influence (suspicious or hard triples first)."""
     from dataclasses import asdict
 
@@ -555,7 +580,7 @@ def _run_layers(use_last_layers_only: bool, num_last_layers: int | None, last_la
 @click.option("--loss", default="bce", show_default=True, help="Per-triple loss: bce, ce or score.")
 @click.option("--projection", default="sparse", show_default=True, help="sparse, gaussian or none.")
 @click.option("--dim", type=int, default=1024, show_default=True, help="Projected dimension k per checkpoint.")
-@click.option("--index", "index", type=PATH, default=None,
+@click.option("--index", "index", type=INDEX, default=None,
               help="Keep the index here (built if missing, reused if it matches); default: a temporary one.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
@@ -565,7 +590,7 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
         output: Path, test_indices: str | None, use_last_layers_only: bool, num_last_layers: int | None,
         last_layer_names: str | None, learning_rate: float | None, run_mode: str, score_mode: str, top_k: int,
         model_class: str | None, model_kwargs: str | None, inverse_triples: bool | None, checkpoint_dir: Path | None,
-        loss: str, projection: str, dim: int, index: Path | None, device: str, overwrite: bool,
+        loss: str, projection: str, dim: int, index: StorePath | None, device: str, overwrite: bool,
         threads: int | None) -> None:
     """One shot, with the earlier run_tracin.py's options: model and triples in, results file out.
 
@@ -647,10 +672,10 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 @main.command()
-@click.argument("index", type=PATH)
+@click.argument("index", type=INDEX)
 @click.option("--json", "as_json", is_flag=True, help="Print the store's attributes as JSON.")
 @_user_errors
-def info(index: Path, as_json: bool) -> None:
+def info(index: StorePath, as_json: bool) -> None:
     """Settings, fingerprints and tracked parameters of INDEX."""
     from .store import Store
 
@@ -659,7 +684,9 @@ def info(index: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(attrs, indent=2))
         return
-    size = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
+    from .location import disk_usage
+
+    size = disk_usage(store.path)
     proj = attrs["projection"]
     click.echo(f"index:        {index}  (build {store.path.name}, {size / 2**20:.1f} MiB on disk, status {attrs['status']})")
     click.echo(f"model:        {attrs['model_class']} from {attrs['model_source']['path']}"
@@ -688,11 +715,11 @@ def info(index: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("index", type=PATH)
+@click.argument("index", type=INDEX)
 @click.option("--no-model", is_flag=True, help="Skip the checks against the recorded model, checkpoints and triples.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_user_errors
-def verify(index: Path, no_model: bool, as_json: bool) -> None:
+def verify(index: StorePath, no_model: bool, as_json: bool) -> None:
     """Check the published build of INDEX: every chunk's checksum, done flags, rows, values, fingerprints.
 
     Exit code 0 when sound, 1 when something is wrong (each problem on its own line).
@@ -713,9 +740,9 @@ def verify(index: Path, no_model: bool, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("index", type=PATH)
+@click.argument("index", type=INDEX)
 @_user_errors
-def finalize(index: Path) -> None:
+def finalize(index: StorePath) -> None:
     """Distributed builds, step 3: check every shard's done flags, verify, publish the build of INDEX."""
     from .build import finalize_build
 
@@ -726,12 +753,12 @@ def finalize(index: Path) -> None:
 
 
 @main.command()
-@click.argument("index", type=PATH)
+@click.argument("index", type=INDEX)
 @click.option("--keep", type=int, default=3, show_default=True, help="Complete builds to keep (the published one always).")
 @click.option("--incomplete", is_flag=True, help="Also remove unfinished builds (otherwise kept for resuming).")
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
 @_user_errors
-def gc(index: Path, keep: int, incomplete: bool, dry_run: bool) -> None:
+def gc(index: StorePath, keep: int, incomplete: bool, dry_run: bool) -> None:
     """Remove old builds of INDEX, keeping the newest --keep complete ones and the published one."""
     from .errors import InputError
     from .store import BuildLock, Store, builds, latest_build, remove_build
@@ -742,8 +769,8 @@ def gc(index: Path, keep: int, incomplete: bool, dry_run: bool) -> None:
         raise InputError(f"{index} is not a tracin-index index (no builds/); check the path")
     with BuildLock(index):  # never while a builder writes
         current = latest_build(index)
-        complete: list[Path] = []
-        unfinished: list[Path] = []
+        complete: list[StorePath] = []
+        unfinished: list[StorePath] = []
         for b in builds(index):
             try:
                 status = Store.open(b, complete=False).attrs.get("status")

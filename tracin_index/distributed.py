@@ -13,7 +13,7 @@ the scheduling on top:
    the rest, and the store ends byte-identical to a one-process build;
 4. the driver finalizes: checks every done flag, verifies, publishes.
 
-The index directory must be shared by the driver and every worker (NFS, Lustre, a mounted bucket).
+The index must be shared by the driver and every worker (NFS, Lustre, or an s3:// URL).
 Ray is optional: ``pip install 'tracin-index[ray]'``.
 """
 
@@ -23,11 +23,11 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .build import BuildConfig, finalize_build, make_plan, prepare_build, shard_units, shard_with_plan
 from .errors import InputError, TracinError
+from .location import Where, location
 from .model import ModelBundle
 from .store import Store
 
@@ -42,7 +42,7 @@ class ShardWorker:
         from .runtime import configure_threads
 
         configure_threads(threads)
-        self.bundle, self.out, self.checkpoints, self.config = bundle, Path(out), checkpoints, config
+        self.bundle, self.out, self.checkpoints, self.config = bundle, location(out), checkpoints, config
         self.plan: Any = None
         self.die_after_units = die_after_units  # fault injection for the tests: exit hard mid-shard
 
@@ -75,7 +75,7 @@ def _import_ray() -> Any:
 
 def ray_build(
     bundle: ModelBundle,
-    out: str | os.PathLike[str],
+    out: Where,
     *,
     checkpoints: list[tuple[str, float]] | None = None,
     config: BuildConfig | None = None,
@@ -120,7 +120,8 @@ def ray_build(
                              "too few for one worker; lower --gpus-per-worker or add nodes")
         actor_cls = ray.remote(ShardWorker).options(num_gpus=gpus_per_worker, num_cpus=cpus_per_worker, max_restarts=0)
         bundle_ref = ray.put(bundle)
-        out_s = str(Path(out).resolve())
+        where = location(out)
+        out_s = str(where.resolve())
 
         def new_actor(fault: bool) -> Any:
             return actor_cls.remote(bundle_ref, out_s, checkpoints, config, cpus_per_worker,

@@ -12,13 +12,13 @@ import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .errors import IndexMismatchError, InputError
+from .location import Where, location
 from .model import (
     PYKEEN_PREFIX,
     Checkpoint,
@@ -524,7 +524,7 @@ class TracinIndex:
         return self_influence_ranking(self.store, top)
 
 
-def self_influence_ranking(index: Store | str | os.PathLike[str], top: int | None = None) -> Ranking:
+def self_influence_ranking(index: Store | Where, top: int | None = None) -> Ranking:
     """:meth:`TracinIndex.self_influence` from the store alone (no model needed: the values are stored)."""
     store = index if isinstance(index, Store) else Store.open(index)
     values = store.read("self_influence").astype(np.float64)
@@ -542,7 +542,7 @@ def self_influence_ranking(index: Store | str | os.PathLike[str], top: int | Non
 
 
 def open_index(
-    path: str | os.PathLike[str],
+    path: Where,
     *,
     model: ModelBundle | str | os.PathLike[str] | None = None,
     checkpoints: list[tuple[str, float]] | None = None,
@@ -609,7 +609,7 @@ def open_index(
     if projection is not None and projection != spec:
         differences.append(f"projection: index {spec}, query {projection}")
     if differences:
-        raise IndexMismatchError(f"index {Path(path)} does not match this query: " + "; ".join(differences))
+        raise IndexMismatchError(f"index {location(path)} does not match this query: " + "; ".join(differences))
     tracer = Tracer(bundle, ckpts, names, attrs["loss"], spec, resolve_device(device))
     ent, rel = store.labels()
     labels = TriplesData(mapped=bundle.triples.mapped, entity_labels=ent, relation_labels=rel)

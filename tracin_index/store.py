@@ -6,6 +6,10 @@ An index (``IDX``) is a directory of dated builds and a pointer to the published
     IDX/.lock            held (flock) by the one running builder; names its pid, host and start
     IDX/builds/<name>/   one build each, <name> = UTC start time + settings hash
 
+``IDX`` may also be an ``s3://bucket/prefix`` URL (:mod:`tracin_index.location`): ``LATEST`` is then
+replaced by one PUT (atomic for readers) and ``.lock`` is an object created by a conditional PUT
+(``If-None-Match: *``) that carries a lease its holder renews (:class:`ObjectLock`).
+
 Readers follow ``LATEST`` and only ever open a complete build; a build in progress (or a failed one)
 is a sibling they never see. Layout of one build::
 
@@ -34,9 +38,10 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,8 +49,9 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, VLenUTF8Codec
 
 from .errors import StoreError
+from .location import ObjectPath, StorePath, Where, location, zarr_options
 
-__all__ = ["SCHEMA_VERSION", "BuildLock", "Store", "builds", "latest_build", "publish", "resolve"]
+__all__ = ["SCHEMA_VERSION", "BuildLock", "ObjectLock", "Store", "builds", "latest_build", "publish", "resolve"]
 
 SCHEMA_VERSION = 2
 LATEST = "LATEST"
@@ -68,9 +74,9 @@ def _codecs() -> dict[str, Any]:
 
 
 class Store:
-    """A tracin-index store on disk (one build)."""
+    """A tracin-index store on disk or in a bucket (one build)."""
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
+    def __init__(self, path: StorePath, group: zarr.Group) -> None:
         self.path = path
         self.group = group
         self.build_report: dict[str, Any] | None = None
@@ -80,7 +86,7 @@ class Store:
     @classmethod
     def create(
         cls,
-        path: Path,
+        path: StorePath,
         *,
         triples: np.ndarray,
         train_index: np.ndarray,
@@ -94,7 +100,7 @@ class Store:
     ) -> Store:
         n = int(triples.shape[0])
         unit_rows = max(1, min(unit_rows, n))  # Zarr writes whole chunks: no padding beyond the data
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3, **zarr_options(path))
         units = (n + unit_rows - 1) // unit_rows
         group.create_array("grads", shape=(n, width), chunks=(unit_rows, width), dtype=dtype, **_codecs())
         group.create_array("triples", shape=(n, 3), chunks=(unit_rows, 3), dtype="int64", **_codecs())
@@ -114,11 +120,11 @@ class Store:
         return cls(path, group)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, complete: bool = True) -> Store:
-        """Open an index (its published build, via ``LATEST``) or one build directory."""
+    def open(cls, path: Where, *, complete: bool = True) -> Store:
+        """Open an index (its published build, via ``LATEST``) or one build directory (or ``s3://`` URL)."""
         p = resolve(path)
         try:
-            group = zarr.open_group(str(p), mode="r+" if not complete else "r", zarr_format=3)
+            group = zarr.open_group(str(p), mode="r+" if not complete else "r", zarr_format=3, **zarr_options(p))
         except Exception as exc:
             raise StoreError(f"{p} could not be opened as a Zarr v3 group: {exc}") from exc
         attrs = dict(group.attrs)
@@ -212,9 +218,9 @@ class Store:
 # ---------------------------------------------------------------------------------------------- index home
 
 
-def resolve(path: str | os.PathLike[str]) -> Path:
+def resolve(path: Where) -> StorePath:
     """The build directory ``path`` names: itself if it is a build, else its published build."""
-    p = Path(path)
+    p = location(path)
     if (p / "zarr.json").exists():
         return p
     latest = p / LATEST
@@ -227,11 +233,14 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     if (p / BUILDS).is_dir():
         raise StoreError(f"{p} has no published build yet (a first build is running or failed); run 'tracin-index build'")
     if not p.exists():
+        if isinstance(p, ObjectPath) and not ObjectPath(f"s3://{p.bucket}").exists():
+            raise StoreError(f"bucket {p.bucket!r} does not exist at {p.endpoint()}; check the URL {p} "
+                             "(or AWS_ENDPOINT_URL)")
         raise StoreError(f"index {p} not found (check the path, or build one with 'tracin-index build')")
     raise StoreError(f"{p} is not a tracin-index index (no {LATEST}, no zarr.json); build one with 'tracin-index build'")
 
 
-def latest_build(home: Path) -> Path | None:
+def latest_build(home: StorePath) -> StorePath | None:
     """The published build of index ``home``, or None."""
     latest = home / LATEST
     if not latest.exists():
@@ -240,13 +249,19 @@ def latest_build(home: Path) -> Path | None:
     return build if (build / "zarr.json").exists() else None
 
 
-def builds(home: Path) -> list[Path]:
+def builds(home: StorePath) -> list[StorePath]:
     """Build directories of ``home``, oldest first (names start with their UTC start time)."""
     d = home / BUILDS
-    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")) if d.is_dir() else []
+    if not isinstance(d, ObjectPath) and not d.is_dir():  # (a missing prefix lists as empty)
+        return []
+    found: list[StorePath] = [p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(found, key=lambda p: p.name)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: StorePath, text: str) -> None:
+    if isinstance(path, ObjectPath):
+        path.write_text(text)  # one PUT: readers get the old object or the new one
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w") as f:
@@ -264,8 +279,8 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def publish(home: Path, build: Path) -> None:
-    """Make ``build`` (a complete build inside ``home``) the one readers open: one atomic rename."""
+def publish(home: StorePath, build: StorePath) -> None:
+    """Make ``build`` (a complete build inside ``home``) the one readers open: one atomic rename (or PUT)."""
     _write_atomic(home / LATEST, build.name + "\n")
 
 
@@ -274,23 +289,35 @@ class BuildLock:
 
     The file names the holder (pid, host, start time) for the message a second builder gets. A lock
     file left by a dead process holds no flock, so it is simply taken over (and reported as such).
+    ``BuildLock(url)`` for an ``s3://`` index is an :class:`ObjectLock`.
     """
 
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.path = home / LOCK
+    def __new__(cls, home: Where) -> BuildLock:
+        if cls is BuildLock and isinstance(location(home), ObjectPath):
+            return super().__new__(ObjectLock)
+        return super().__new__(cls)
+
+    def __init__(self, home: Where) -> None:
+        self.home: Any = location(home)
+        self.path: Any = self.home / LOCK
         self.fd: int | None = None
         self.took_over: str | None = None
         self.created = False
 
+    def check(self) -> None:
+        """Raise :class:`StoreError` if this lock is no longer held (an object lock whose lease was lost)."""
+
+    def _refuse_foreign(self) -> None:
+        if self.home.exists() and not self.home.is_dir():
+            raise StoreError(f"{self.home} is a file, not an index directory; choose another --out")
+        if self.home.is_dir() and any(True for _ in self.home.iterdir()) and not (
+                (self.home / BUILDS).is_dir() or (self.home / LATEST).exists() or self.path.exists()):
+            raise StoreError(f"{self.home} exists and is not a tracin-index index; choose another --out")
+
     def acquire(self) -> BuildLock:
         import fcntl
 
-        if self.home.exists() and not self.home.is_dir():
-            raise StoreError(f"{self.home} is a file, not an index directory; choose another --out")
-        if self.home.is_dir() and any(self.home.iterdir()) and not (
-                (self.home / BUILDS).is_dir() or (self.home / LATEST).exists() or self.path.exists()):
-            raise StoreError(f"{self.home} exists and is not a tracin-index index; choose another --out")
+        self._refuse_foreign()
         self.created = not self.home.exists()
         self.home.mkdir(parents=True, exist_ok=True)
         while True:
@@ -322,8 +349,7 @@ class BuildLock:
 
     def _holder(self) -> str:
         try:
-            info = json.loads(self.path.read_text() or "{}")
-            return f"pid {info['pid']} on host {info['host']} (started {info['started']})"
+            return _describe(json.loads(self.path.read_text() or "{}"))
         except (OSError, ValueError, KeyError):
             return "another process"
 
@@ -345,5 +371,172 @@ class BuildLock:
         self.release()
 
 
-def remove_build(build: Path) -> None:
-    shutil.rmtree(build, ignore_errors=True)
+def _describe(info: dict[str, Any]) -> str:
+    return f"pid {info['pid']} on host {info['host']} (started {info['started']})"
+
+
+def _lease_s() -> float:
+    return float(os.environ.get("TRACIN_INDEX_LOCK_LEASE", "60"))
+
+
+class ObjectLock(BuildLock):
+    """One builder per ``s3://`` index: ``IDX/.lock`` is an object created by a conditional PUT.
+
+    ``PUT .lock`` with ``If-None-Match: *`` succeeds for exactly one of any number of builders (the
+    others get 412 Precondition Failed). The object names its holder (pid, host, start) and a lease
+    expiry, which a heartbeat thread renews every quarter lease with ``If-Match: <ETag>`` (so a lock
+    taken over meanwhile is never overwritten by its former holder). A builder that finds the lock held
+    fails fast, unless the holder is gone: its lease expired (``TRACIN_INDEX_LOCK_LEASE`` seconds,
+    default 60; hosts' clocks are assumed to agree to within a fraction of that), or it ran on this
+    host and its pid is no longer alive (a killed build is resumed at once). It then takes the lock
+    over with ``If-Match`` on the ETag it read, so of two builders taking over one wins. Releasing
+    deletes the object (``If-Match`` again). A holder whose renewal finds the lock taken over stops
+    before publishing (:meth:`check`).
+    """
+
+    def __init__(self, home: Where) -> None:
+        super().__init__(home)
+        self.etag: str | None = None
+        self.token = uuid.uuid4().hex
+        self.lease_s = _lease_s()
+        self.lost: str | None = None
+        self.started = ""
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def _body(self, started: str) -> bytes:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "token": self.token,
+                "expires": time.time() + self.lease_s}
+        return json.dumps(info).encode()
+
+    def _put(self, body: bytes, **condition: str) -> bool:
+        """PUT the lock object under ``condition``; False when the condition does not hold (412)."""
+        fs, key = self.path.fs, self.path.key
+        try:
+            with self.home.errors():
+                bucket, obj = key.split("/", 1)
+                out = fs.call_s3("put_object", Bucket=bucket, Key=obj, Body=body, **condition)
+        except (FileExistsError, OSError) as exc:
+            if isinstance(exc, FileExistsError) or "condition" in str(exc).lower() or "412" in str(exc):
+                return False
+            raise
+        self.etag = str(out["ETag"])
+        return True
+
+    def _read(self) -> tuple[dict[str, Any], str] | None:
+        """The lock object's holder and ETag, or None when there is none (released meanwhile)."""
+        fs = self.path.fs
+        try:
+            with self.home.errors():
+                bucket, obj = self.path.key.split("/", 1)
+                got = fs.call_s3("get_object", Bucket=bucket, Key=obj)
+                body = _read_body(fs, got)
+        except FileNotFoundError:
+            return None
+        try:
+            info = json.loads(body or b"{}")
+        except ValueError:
+            info = {}
+        return (info if isinstance(info, dict) else {}), str(got["ETag"])
+
+    def _stale(self, info: dict[str, Any]) -> str | None:
+        """Why the holder ``info`` no longer holds the lock, or None while it does."""
+        try:
+            expires = float(info["expires"])
+        except (KeyError, TypeError, ValueError):
+            return "the lock object is unreadable"
+        if expires < time.time():
+            return f"its lease expired {time.time() - expires:.0f} s ago"
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and info["pid"] != os.getpid():
+            try:
+                os.kill(info["pid"], 0)
+            except ProcessLookupError:
+                return "its process is gone"
+            except OSError:
+                pass
+        return None
+
+    def acquire(self) -> BuildLock:
+        self._refuse_foreign()
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for _ in range(5):
+            if self._put(self._body(self.started), IfNoneMatch="*"):
+                break
+            current = self._read()
+            if current is None:
+                continue  # released between our PUT and our GET: try again
+            info, etag = current
+            why = self._stale(info)
+            if why is None:
+                try:
+                    holder = _describe(info)
+                except KeyError:
+                    holder = "another process"
+                raise StoreError(f"{self.home} is being built by {holder}; wait for it to finish (one builder per index)")
+            if self._put(self._body(self.started), IfMatch=etag):
+                shown = {k: info[k] for k in ("pid", "host", "started") if k in info}
+                self.took_over = f"{json.dumps(shown)}; {why}"
+                break
+        else:
+            raise StoreError(f"{self.home}: the lock {self.path} keeps changing hands; run the build again")
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._renew, name="tracin-lock-lease", daemon=True)
+        self._heartbeat.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 4) and self._renew_once():
+            pass
+
+    def _renew_once(self) -> bool:
+        """One heartbeat: extend the lease. False (``lost`` set) once the lock is someone else's."""
+        etag = self.etag
+        if etag is None:
+            return False
+        try:
+            if self._put(self._body(self.started), IfMatch=etag):
+                return True
+            current = self._read()
+        except Exception:  # a network blip: try again at the next beat (the lease covers four)
+            return True
+        try:
+            holder = _describe(current[0]) if current is not None else "nobody"
+        except KeyError:
+            holder = "another process"
+        self.lost = f"its lease lapsed and the lock is now held by {holder}"
+        return False
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise StoreError(f"{self.home}: this builder lost its lock ({self.lost}); nothing was published; run the "
+                             "build again when the other one has finished")
+
+    def release(self) -> None:
+        """Stop renewing and delete the lock object (only if it is still ours)."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            self._heartbeat = None
+        if self.etag is not None and self.lost is None:
+            bucket, obj = self.path.key.split("/", 1)
+            with contextlib.suppress(Exception):
+                self.path.fs.call_s3("delete_object", Bucket=bucket, Key=obj, IfMatch=self.etag)
+        self.etag = None
+
+
+def _read_body(fs: Any, response: dict[str, Any]) -> bytes:
+    """The body of a ``get_object`` response made through s3fs (an aiobotocore stream)."""
+    from fsspec.asyn import sync
+
+    async def read() -> bytes:
+        async with response["Body"] as stream:
+            return bytes(await stream.read())
+
+    return bytes(sync(fs.loop, read))
+
+
+def remove_build(build: StorePath) -> None:
+    if isinstance(build, ObjectPath):
+        build.rmtree()
+    else:
+        shutil.rmtree(build, ignore_errors=True)

@@ -6,7 +6,6 @@ checks against the model, checkpoints and training triples the store records.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StoreError, TracinError
+from .location import Where
 from .store import ARRAYS, PER_ROW, Store, resolve
 
 __all__ = ["VerifyReport", "verify", "verify_rows"]
@@ -90,7 +90,7 @@ def verify_rows(store: Store) -> list[str]:
     return problems
 
 
-def verify(path: str | os.PathLike[str], *, check_model: bool = True) -> VerifyReport:
+def verify(path: Where, *, check_model: bool = True) -> VerifyReport:
     """Verify the published build of index ``path`` (or one build directory).
 
     Checks every chunk of every array against its crc32c, the done flags, the row counts against the
