@@ -230,7 +230,7 @@ def main() -> None:
                 c.path = root / f"idx_{kind}_{k}"
                 c.build_s = build(kind, k, c.path)
                 measured[kind] = (k, c.build_s)
-                c.size = dir_bytes(resolve(c.path))
+                c.size = dir_bytes(Path(str(resolve(c.path))))
                 index = open_index(c.path, model=bundle)
                 if truth is None:  # brute force over every row; the exact values do not depend on the projection
                     exact = index.exact_influence(test).double().numpy()

@@ -66,7 +66,7 @@ def main() -> None:
         t0 = time.perf_counter()
         build_index(bundle, root / "single", config=config)
         rows.append((f"one process, {tpw} thread(s), no Ray", 1, time.perf_counter() - t0, True))
-        reference = array_bytes(resolve(root / "single"))
+        reference = array_bytes(Path(str(resolve(root / "single"))))
         ray.init(num_cpus=max(worker_counts) * tpw, include_dashboard=False, log_to_driver=False,
                  object_store_memory=500 * 2**20)
         try:
@@ -75,7 +75,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 ray_build(bundle, out, config=config, workers=w, cpus_per_worker=tpw, shards=4 * w)
                 rows.append((f"Ray, {w} worker(s) x {tpw} thread(s)", w, time.perf_counter() - t0,
-                             array_bytes(resolve(out)) == reference))
+                             array_bytes(Path(str(resolve(out)))) == reference))
         finally:
             ray.shutdown()
 

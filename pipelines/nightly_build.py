@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         [result] = index.query(smoke if isinstance(smoke, str) else smoke.reshape(1, 3), k=3)
         if not (result.proponents or result.opponents):
             raise RuntimeError("the smoke query returned no training triples")
-        name = Path(index.store.path).name
+        name = index.store.path.name
     except Exception as exc:  # any failure here means readers cannot use the index
         log("smoke-query", "failed", time.perf_counter() - t0,
             f"{type(exc).__name__}: {exc}".splitlines()[0] + f"; {roll_back()}")
