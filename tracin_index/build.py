@@ -23,8 +23,7 @@ from .losses import DEFAULT_LOSS
 from .model import ModelBundle, load_checkpoints, select_parameters, triples_fingerprint
 from .projection import DEFAULT_MEMORY, ProjectionSpec
 from .runtime import resolve_device
-from .store import BUILDS, SCHEMA_VERSION, BuildLock, Store, builds, latest_build, publish, remove_build
-from .store import _write_atomic as _write_atomic_text
+from .store import BUILDS, SCHEMA_VERSION, BuildLock, Store, builds, latest_build, publish, remove_build, write_atomic
 from .tracer import Tracer
 from .verify import verify_rows
 
@@ -359,7 +358,7 @@ def prepare_build(
             return published
         with _guard(out, out):
             store, _ = _create_or_resume(out, bundle, plan, config, force, say)
-        _write_atomic_text(out / PREPARED, store.path.name + "\n")
+        write_atomic(out / PREPARED, store.path.name + "\n")
         store.build_report = {"skipped": False, "resumed_units": int(store.done().sum()), "computed_units": 0,
                               "build": store.path.name}
         return store
@@ -462,14 +461,12 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
     Returns where the time went (``units_computed`` and seconds); writes no attributes.
     """
     done = store.done()
-    wanted = np.zeros_like(done) if units is not None else np.ones_like(done)
-    if units is not None:
-        wanted[np.asarray(units, dtype=np.int64)] = True
+    wanted = np.ones_like(done) if units is None else np.isin(np.arange(len(done)), units)
+    sizes = np.array([hi - lo for lo, hi in map(store.unit_range, range(len(done)))], dtype=np.int64)
     started = time.perf_counter()
-    before = dict(tracer.timings)
+    before = tracer.timings()
     computed = 0
-    total_rows = sum(store.unit_range(int(u))[1] - store.unit_range(int(u))[0] for u in np.flatnonzero(wanted).tolist())
-    rows_done = sum(store.unit_range(int(u))[1] - store.unit_range(int(u))[0] for u in np.flatnonzero(wanted & done).tolist())
+    total_rows, rows_done = int(sizes[wanted].sum()), int(sizes[wanted & done].sum())
     if progress is not None:
         progress(rows_done, total_rows)
     compute_s = write_s = wait_s = 0.0
@@ -519,6 +516,5 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
                     pending.result()  # a failure elsewhere waits for the write in flight, then propagates
     return {"units_computed": computed, "units_s": round(time.perf_counter() - started, 3),
             "compute_s": round(compute_s, 3),
-            "gradients_s": round(tracer.timings["gradients_s"] - before["gradients_s"], 3),
-            "projection_s": round(tracer.timings["projection_s"] - before["projection_s"], 3),
+            **{k: round(v - before[k], 3) for k, v in tracer.timings().items()},
             "zarr_write_s": round(write_s, 3), "zarr_wait_s": round(wait_s, 3)}

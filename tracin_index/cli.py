@@ -206,15 +206,19 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
         raise InputError(f"{' and '.join(modes)} exclude each other; give one")
     if executor != "ray" and (ray_address or workers or gpus_per_worker or shards):
         raise InputError("--ray-address/--workers/--gpus-per-worker/--shards need --executor ray")
-    specs_args = (checkpoint, lr, checkpoint_dir)
+    def load() -> Any:
+        return _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
+
+    def say(msg: str) -> None:
+        click.echo(msg, err=True)
+
     if shard is not None:
         from .build import build_shard, parse_shard
 
         i_n = parse_shard(shard)
-        bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
         with _bar(0, f"shard {shard}") as progress:
-            report = build_shard(bundle, out, i_n, checkpoints=_checkpoints(*specs_args), config=config,
-                                 progress=progress, log=lambda msg: click.echo(msg, err=True))
+            report = build_shard(load(), out, i_n, checkpoints=_checkpoints(checkpoint, lr, checkpoint_dir), config=config,
+                                 progress=progress, log=say)
         if report["units_computed"]:
             click.echo(f"shard {shard}: computed {report['units_computed']} of its {len(report['units'])} write units "
                        f"({time.perf_counter() - started:.1f} s); run 'tracin-index finalize {out}' when all shards are done")
@@ -222,9 +226,8 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
     if prepare:
         from .build import prepare_build
 
-        bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
-        store = prepare_build(bundle, out, checkpoints=_checkpoints(*specs_args), config=config, force=force,
-                              log=lambda msg: click.echo(msg, err=True))
+        store = prepare_build(load(), out, checkpoints=_checkpoints(checkpoint, lr, checkpoint_dir), config=config,
+                              force=force, log=say)
         if not (store.build_report or {}).get("skipped"):
             click.echo(f"prepared build {store.path.name} in {out}: {store.attrs['num_units']} write units; run the "
                        f"shards (build ... --shard I/N, same options), then 'tracin-index finalize {out}'")
@@ -232,10 +235,9 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
     if executor == "ray":
         from .distributed import ray_build
 
-        bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
-        store = ray_build(bundle, out, checkpoints=_checkpoints(*specs_args), config=config, force=force,
-                          address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker, shards=shards,
-                          log=lambda msg: click.echo(msg, err=True))
+        store = ray_build(load(), out, checkpoints=_checkpoints(checkpoint, lr, checkpoint_dir), config=config,
+                          force=force, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+                          shards=shards, log=say)
         if not (store.build_report or {}).get("skipped"):
             click.echo(f"indexed {store.num_rows:,} rows into {out} on Ray ({time.perf_counter() - started:.1f} s)")
         return
@@ -244,9 +246,7 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
     # Lock before loading anything, so a second builder fails fast. The lock refuses a file or a foreign
     # directory as --out, and removes the directory again if it created it and nothing else came of it.
     with BuildLock(out) as lock:
-        bundle = _load(model, model_class, model_kwargs, inverse_triples, triples, entity_to_id, relation_to_id)
-        specs = _checkpoints(checkpoint, lr, checkpoint_dir)
-        _build(bundle, out, specs, config, force, started, lock)
+        _build(load(), out, _checkpoints(checkpoint, lr, checkpoint_dir), config, force, started, lock)
 
 
 def _build(bundle: Any, out: StorePath, specs: list[tuple[str, float]], config: Any, force: bool, started: float,
@@ -760,6 +760,7 @@ def finalize(index: StorePath) -> None:
 @_user_errors
 def gc(index: StorePath, keep: int, incomplete: bool, dry_run: bool) -> None:
     """Remove old builds of INDEX, keeping the newest --keep complete ones and the published one."""
+    from .build import PREPARED
     from .errors import InputError
     from .store import BuildLock, Store, builds, latest_build, remove_build
 
@@ -777,7 +778,8 @@ def gc(index: StorePath, keep: int, incomplete: bool, dry_run: bool) -> None:
             except TracinError:
                 status = None
             (complete if status == "complete" else unfinished).append(b)
-        prepared = (index / "PREPARED").read_text().strip() if (index / "PREPARED").exists() else None
+        marker = index / PREPARED
+        prepared = marker.read_text().strip() if marker.exists() else None
         # the prepared build of a distributed run is never collected: its shards may be writing
         doomed = [b for b in complete[:-keep] if b != current] + (
             [b for b in unfinished if b.name != prepared] if incomplete else [])

@@ -170,7 +170,7 @@ def ray_build(
             units = len(shard_units(num_units, shard, n))
             say(f"shard {shard}/{n} done: {report['units_computed']} of {units} units computed "
                 f"({finished}/{n} shards, {time.perf_counter() - started:.1f} s)")
-        for actor in actors + idle:
+        for actor in idle:  # every live actor is idle once the queue is empty; dead ones are gone
             ray.kill(actor)
         return finalize_build(out, log=say)
     finally:

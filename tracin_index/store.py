@@ -51,7 +51,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, VLenUTF8Codec
 from .errors import StoreError
 from .location import ObjectPath, StorePath, Where, location, zarr_options
 
-__all__ = ["SCHEMA_VERSION", "BuildLock", "ObjectLock", "Store", "builds", "latest_build", "publish", "resolve"]
+__all__ = ["SCHEMA_VERSION", "BuildLock", "ObjectLock", "Store", "builds", "latest_build", "publish", "resolve", "write_atomic"]
 
 SCHEMA_VERSION = 2
 LATEST = "LATEST"
@@ -258,7 +258,7 @@ def builds(home: StorePath) -> list[StorePath]:
     return sorted(found, key=lambda p: p.name)
 
 
-def _write_atomic(path: StorePath, text: str) -> None:
+def write_atomic(path: StorePath, text: str) -> None:
     if isinstance(path, ObjectPath):
         path.write_text(text)  # one PUT: readers get the old object or the new one
         return
@@ -281,7 +281,7 @@ def _write_atomic(path: StorePath, text: str) -> None:
 
 def publish(home: StorePath, build: StorePath) -> None:
     """Make ``build`` (a complete build inside ``home``) the one readers open: one atomic rename (or PUT)."""
-    _write_atomic(home / LATEST, build.name + "\n")
+    write_atomic(home / LATEST, build.name + "\n")
 
 
 class BuildLock:
