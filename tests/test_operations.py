@@ -75,9 +75,15 @@ def test_sigkilled_build_resumes_to_identical_arrays(conve_inverse: Trained, ref
         proc.kill()  # SIGKILL: no clean-up runs
         proc.wait()
         assert not (out / "LATEST").exists(), "nothing is published before the build is complete"
+    # a kill between zarr's temporary write and its rename leaves NAME.<uuid>.partial; plant one so every run checks it
+    (build,) = (out / "builds").iterdir()
+    stray = build / "grads" / "c" / "0" / "0.0123456789abcdef0123456789abcdef.partial"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"torn")
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
     assert "resuming build" in res.stderr
+    assert not list(build.rglob("*.partial")), "the published build holds no temporary files of killed writes"
     assert len(list((out / "builds").iterdir())) == 1, "the resumed build is the same build, not a new one"
     assert _array_bytes(resolve(out)) == _array_bytes(resolve(reference))
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0

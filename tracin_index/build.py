@@ -261,6 +261,7 @@ def _create_or_resume(out: StorePath, bundle: ModelBundle, plan: _Plan, config: 
 
 def _finish(out: StorePath, store: Store, timings: dict[str, Any], lock: BuildLock | None = None) -> None:
     """Verify every row of a build whose units are all done, mark it complete and publish it."""
+    _sweep_partials(store)
     t0 = time.perf_counter()
     problems = verify_rows(store)
     timings["verify_s"] = round(time.perf_counter() - t0, 3)
@@ -272,6 +273,18 @@ def _finish(out: StorePath, store: Store, timings: dict[str, Any], lock: BuildLo
         lock.check()  # an object lock whose lease lapsed meanwhile: another builder owns the index now
     store.set_attrs(status="complete", timings=timings)
     publish(out, store.path)
+
+
+def _sweep_partials(store: Store) -> None:
+    """Remove the temporary files of chunk writes that a killed process left behind.
+
+    Zarr writes each local chunk to ``NAME.<uuid>.partial`` and renames it into place; a SIGKILL between the two
+    leaves the temporary file. Called under the build lock once every unit is done, so no writer is in flight.
+    Object stores have no such files (a PUT is atomic).
+    """
+    if isinstance(store.path, Path):
+        for stale in store.path.rglob("*.partial"):
+            stale.unlink(missing_ok=True)
 
 
 def _guard(where: StorePath, out: StorePath, remove_on_input_error: bool = True) -> contextlib.AbstractContextManager[None]:
