@@ -50,9 +50,14 @@ def _ids(items: list) -> list[int]:
 def test_bulk_scoring_equals_per_triple_queries(index: TracinIndex, conve_inverse: Trained) -> None:
     test = conve_inverse.testing[:40]
     bulk = index.score(test, k=5, batch_size=16)
+    assert index.bulk_batch_size(40) == 40, "a small test set is one batch: each candidate's gradient once"
+    whole = index.score(test, k=5)
     assert len(bulk) == 40
     for m in range(40):
         [single] = index.query(test[m : m + 1], k=5)
+        assert _ids(whole[m].proponents) == _ids(single.proponents) and _ids(whole[m].opponents) == _ids(single.opponents)
+        for a, b in zip(whole[m].proponents + whole[m].opponents, single.proponents + single.opponents, strict=True):
+            assert a.influence == pytest.approx(b.influence, rel=1e-5, abs=1e-9)
         assert bulk[m].test_ids == single.test_ids
         assert _ids(bulk[m].proponents) == _ids(single.proponents)
         assert _ids(bulk[m].opponents) == _ids(single.opponents)
@@ -335,8 +340,9 @@ def test_one_shot_run_with_the_earlier_tools_options(conve_inverse: Trained, tmp
 
 
 def test_torch_search_backend_equals_faiss(nations_index: Path, index: TracinIndex, conve_inverse: Trained) -> None:
-    """The GPU fallback (a torch blocked scan over float16 rows) gives FAISS's answers; here on the CPU."""
-    scan_index = open_index(nations_index, search="torch")
+    """The default blocked scan gives FAISS's answers, with every option."""
+    scan_index = index
+    index = open_index(nations_index, search="faiss")
     assert scan_index.searcher.backend == "torch-cpu" and index.searcher.backend == "faiss-cpu"
     test = conve_inverse.testing[:12]
     for kwargs in ({}, {"rerank": False}, {"mode": "cosine"}, {"neighbourhood": True}):

@@ -452,14 +452,16 @@ def _bar(length: int, label: str) -> Iterator[Callable[[int, int], None]]:
 @_ranking_options
 @click.option("--aggregate", is_flag=True, help="Rank training triples by influence summed over the whole test set.")
 @click.option("--test-indices", default=None, help="Score only these test positions (e.g. 0,5,10-20).")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Test triples per batch.")
+@click.option("--batch-size", type=int, default=None,
+              help="Test triples per batch (default: as many as 2 GiB of test gradients hold, often the whole set: "
+                   "each candidate's gradient is recomputed once per batch; a killed run resumes from its last batch).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @_index_options
 @_threads_option
 @_user_errors
 def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
           candidates: int | None, opponent_candidates: int | None, no_rerank: bool, aggregate: bool,
-          test_indices: str | None, batch_size: int, overwrite: bool, model: Path | None, checkpoint: tuple[Path, ...],
+          test_indices: str | None, batch_size: int | None, overwrite: bool, model: Path | None, checkpoint: tuple[Path, ...],
           lr: tuple[float, ...], layers: str | None, loss: str | None, device: str, search: str, memory: str | None,
           threads: int | None) -> None:
     """Score a whole test set against INDEX into a results file (restartable: run it again after a kill)."""
@@ -484,7 +486,7 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relatio
         with _bar(2 * len(triples) if not no_rerank else len(triples), "scoring") as progress:
             result = idx.aggregate(triples, k=top_k, mode=mode, relations=list(relation) or None, candidates=candidates,
                                    opponent_candidates=opponent_candidates, rerank=not no_rerank, progress=progress,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size or 256)
         write_records(result.records(), ["mode", *TRAIN_COLUMNS], out, overwrite=overwrite)
         click.echo(_format_aggregate(result))
         click.echo(f"wrote the aggregate ranking of {len(triples):,} test triples to {out} "

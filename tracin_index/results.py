@@ -120,7 +120,7 @@ def write_scores(
     out: str | os.PathLike[str],
     settings: ScoreSettings,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     test_index: np.ndarray | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -130,12 +130,15 @@ def write_scores(
 
     ``test``: what :meth:`TracinIndex.parse` accepts. ``test_index (M,)``: the position reported for
     each test triple (default ``0..M-1``). ``progress(done, total)`` counts test triples, including
-    those already done by an earlier, killed run.
+    those already done by an earlier, killed run. ``batch_size`` None: :meth:`TracinIndex.bulk_batch_size`;
+    a killed run resumes from its last finished batch.
     """
     out = Path(out)
     fmt = _check_out(out, overwrite)
     triples = index.parse(test)
     positions = np.arange(len(triples)) if test_index is None else np.asarray(test_index, dtype=np.int64)
+    if batch_size is None:
+        batch_size = index.bulk_batch_size(len(triples), settings)
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size} must be at least 1")
     manifest = {
@@ -172,8 +175,12 @@ def write_scores(
         if path.exists():
             continue
         lo, hi = b * batch_size, min(len(triples), (b + 1) * batch_size)
+        def within(fraction: float, before: int = done, n: int = hi - lo) -> None:
+            if progress is not None:
+                progress(before + int(n * fraction), len(triples))
+
         with torch.no_grad():
-            results = index.score_batch(triples[lo:hi], settings)
+            results = index.score_batch(triples[lo:hi], settings, within if progress is not None else None)
         records = [rec for m, res in enumerate(results) for rec in res.records(int(positions[lo + m]))]
         _write_part(records, columns, path, fmt)
         done += hi - lo

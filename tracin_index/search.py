@@ -1,18 +1,21 @@
 """Stage 5: inner-product search over the stored rows.
 
-Two engines over the same rows, both exact over the projected rows:
+Engines over the same rows, all exact over the projected rows:
 
-- FAISS ``IndexFlatIP`` for the plain case (raw dot products, no restriction): :func:`search`;
-- a blocked scan (torch matmul + top-k per block, merged) for everything FAISS's flat index cannot do
-  in one call: per-row weights (the cosine mode) and per-query masks (candidate filters applied before
-  the top-K cut): :func:`scan`. Memory is ``block_rows x M`` scores at a time, never ``N x M``;
+- a blocked scan (torch matmul + top-k per block, merged), the default: :func:`scan`. One product per
+  block serves both ends (proponents from the top, opponents from the bottom), and it takes per-row
+  weights (the cosine mode) and per-query masks (candidate filters applied before the top-K cut).
+  Memory is ``block_rows x query_chunk`` scores at a time, never ``N x M``;
+- FAISS ``IndexFlatIP`` (``search="faiss"``; faiss-gpu's index on a GPU when it is installed): :func:`search`.
+  It searches twice (``q`` and ``-q``) and its top-k over hundreds of candidates is slow: at 272k rows
+  x 1024 the scan is 4.5x faster for one query and 12x for a batch of 64 (``benchmarks/RESULTS.md``);
 - the same scan streamed from the store, block by block (:class:`StreamSearcher`), for stores larger
   than memory: exact, one read of the store per search (batch the queries: bulk scoring does).
 
-:func:`make_searcher` picks the backend: FAISS on the CPU; on a CUDA device, FAISS's GPU index when
-the installed faiss has GPU support (faiss-gpu), else the blocked scan on the GPU (rows held there in
-float16, products in float32), so a GPU machine needs no faiss-gpu wheel. When the float32 rows would
-not fit (in ``memory`` bytes if given, else half the available RAM), ``auto`` streams from the store.
+:func:`make_searcher` picks the backend: the scan over rows held in memory (float32 on the CPU,
+float16 on a GPU, products in float32), FAISS's GPU index when faiss-gpu and a GPU are there. When the
+float32 rows would not fit (in ``memory`` bytes if given, else half the available RAM), ``auto``
+streams from the store.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def scan(
     row_scale: np.ndarray | None = None,
     mask: Mask | None = None,
     block_rows: int = 32768,
+    query_chunk: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Largest ``n_top`` and smallest ``n_bottom`` scores per query over ``rows (N, W)``.
 
@@ -82,8 +86,22 @@ def scan(
     """
     table = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
     n = table.shape[0]
+    if len(queries) > query_chunk:  # bounded scores (block_rows x query_chunk); rows in memory are cheap to re-read
+        parts = [scan(table, queries[i : i + query_chunk], n_top, n_bottom, row_scale=row_scale,
+                      mask=None if mask is None else _shift_mask(mask, i, i + query_chunk),
+                      block_rows=block_rows, query_chunk=query_chunk)
+                 for i in range(0, len(queries), query_chunk)]
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(4))  # type: ignore[return-value]
     blocks = ((start, table[start : min(n, start + block_rows)]) for start in range(0, n, block_rows))
     return scan_blocks(blocks, n, queries, n_top, n_bottom, row_scale=row_scale, mask=mask, device=table.device)
+
+
+def _shift_mask(mask: Mask, lo: int, hi: int) -> Mask:
+    """The mask of queries ``lo:hi`` only (a per-query mask is ``(b, M)``)."""
+    def part(start: int, stop: int) -> torch.Tensor | None:
+        out = mask(start, stop)
+        return out[:, lo:hi] if out is not None and out.dim() == 2 else out
+    return part
 
 
 def scan_blocks(
@@ -231,11 +249,12 @@ def make_searcher(store: Store, device: torch.device, backend: str = "auto", mem
         return StreamSearcher(store, memory or 256 * 2**20, device)
     on_gpu = device.type == "cuda"
     faiss_gpu = on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if backend == "torch" or (backend == "auto" and on_gpu and not faiss_gpu):
+    if backend == "torch" or (backend == "auto" and not faiss_gpu):
         width = int(store.attrs["width"])
-        table = torch.empty((store.num_rows, width), dtype=torch.float16, device=device)
+        dtype = torch.float16 if on_gpu else torch.float32  # CPUs without fp16 GEMM: float32, as FAISS holds them
+        table = torch.empty((store.num_rows, width), dtype=dtype, device=device)
         for start, block in store.iter_rows():
-            table[start : start + len(block)] = torch.from_numpy(block).to(device=device, dtype=torch.float16)
+            table[start : start + len(block)] = torch.from_numpy(block).to(device=device, dtype=dtype)
         return TorchSearcher(table)
     index = build_flat_index(store)
     rows = flat_rows(index)

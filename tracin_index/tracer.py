@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import InputError
-from .gradients import GradBlock, GradientComputer, TrackedParam, concat, describe_parameters, inner, sq_norms
+from .gradients import GradBlock, GradientComputer, TrackedParam, concat, describe_parameters, inner, inner_pairs, sq_norms
 from .losses import get_loss
 from .model import Checkpoint, ModelBundle
 from .projection import DEFAULT_MEMORY, ProjectionSpec, make_projector
@@ -166,4 +167,43 @@ class Tracer:
                 part = part * test_scale[:, c].to(part)[:, None]
             total = part if total is None else total + part
         assert total is not None
+        return total
+
+    def exact_pairs(
+        self,
+        test_blocks: list[list[GradBlock]],
+        train: torch.Tensor,
+        pair_test: torch.Tensor,
+        pair_train: torch.Tensor,
+        batch_size: int = 512,
+        test_scale: torch.Tensor | None = None,
+        train_scale: torch.Tensor | None = None,
+        progress: Callable[[float], None] | None = None,
+    ) -> torch.Tensor:
+        """Exact TracIn ``(P,) float32`` for the pairs ``(test pair_test[p], train[pair_train[p]])`` only.
+
+        The train-major re-rank: ``train`` holds each needed training triple once, so its gradient is
+        computed once per checkpoint however many tests asked for it; ``pair_train`` must be sorted (then
+        each batch of training triples owns one contiguous run of pairs). Scales as in :meth:`exact`.
+        ``progress(fraction)`` is called after each batch of training triples.
+        """
+        n_pairs = int(pair_test.shape[0])
+        total = torch.zeros(n_pairs)
+        if n_pairs == 0:
+            return total
+        bounds = torch.searchsorted(pair_train, torch.arange(0, len(train) + batch_size, batch_size)).tolist()
+        for c, ckpt in enumerate(self.checkpoints):
+            for b, s in enumerate(range(0, len(train), batch_size)):
+                lo, hi = bounds[b], bounds[b + 1]
+                if lo == hi:
+                    continue
+                pt, pr = pair_test[lo:hi], pair_train[lo:hi] - s
+                part = inner_pairs(test_blocks[c], self.gradients(train[s : s + batch_size], c), pt, pr).cpu()
+                if train_scale is not None:
+                    part = part * train_scale[s + pr, c].to(part)
+                if test_scale is not None:
+                    part = part * test_scale[pt, c].to(part)
+                total[lo:hi] += part * ckpt.lr
+                if progress is not None:
+                    progress((c * n_pairs + hi) / (len(self.checkpoints) * n_pairs))
         return total
