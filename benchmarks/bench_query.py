@@ -4,6 +4,7 @@ Synthetic FB15k-237-shaped KG and ConvE d=200 (as ``bench_build.py``), random te
 markdown table; nothing is downloaded.
 
     python benchmarks/bench_query.py [--triples 20000] [--queries 50] [--bulk 20466] [--threads 2] [--index DIR]
+                                     [--device cuda]
 
 ``--index DIR`` keeps the built index there and reuses it on the next run (the synthetic model is
 regenerated from its seed). Rows:
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--bulk", type=int, default=20466)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--index", type=Path, default=None, help="keep (and reuse) the built index here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (build, test gradients, search and re-rank there)")
     args = parser.parse_args()
     logging.getLogger("pykeen").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -55,14 +57,14 @@ def main() -> None:
         bundle = synthetic_bundle(args.triples, 14541, 237, root)
         where = args.index or root / "idx"
         if not (where / "LATEST").exists():
-            build_index(bundle, where, config=BuildConfig())
+            build_index(bundle, where, config=BuildConfig(device=args.device))
         gen = torch.Generator().manual_seed(1)
         m = max(args.queries, args.bulk)
         test = torch.stack([torch.randint(14541, (m,), generator=gen), torch.randint(237, (m,), generator=gen),
                             torch.randint(14541, (m,), generator=gen)], dim=1)
 
         started = time.perf_counter()
-        index = open_index(where, model=bundle)
+        index = open_index(where, model=bundle, device=args.device)
         opened = time.perf_counter() - started
         index.query(test[:1], k=10)
         cold = time.perf_counter() - started
@@ -106,7 +108,8 @@ def main() -> None:
         t_faiss = time.perf_counter() - t0
 
     n = args.bulk
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    print(f"\nmachine: {platform.processor() or platform.machine()}{gpu}, {args.threads} threads, torch {torch.__version__}")
     print(f"workload: synthetic FB15k-237-shaped KG, {args.triples:,} training triples, ConvE d=200 (inverse triples), "
           f"last:2, sparse k=1024, top-10, {n_pro} + {n_opp} candidates re-ranked; search backend "
           f"{index.searcher.backend}\n")
