@@ -12,6 +12,7 @@ import pytest
 from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model
 from tracin_index.build import build_shard, finalize_build, prepare_build, shard_units
 from tracin_index.errors import InputError, StoreError
+from tracin_index.search import scan
 from tracin_index.store import Store, resolve
 
 from .conftest import Trained
@@ -177,6 +178,13 @@ def test_streaming_search_over_a_store_larger_than_its_memory_cap(conve_inverse:
                 assert [i.train_index for i in gi] == [i.train_index for i in wi]
                 np.testing.assert_allclose([i.influence for i in gi], [i.influence for i in wi], rtol=1e-5, atol=1e-7)
     assert peak_stream < grads_bytes / 4, (peak_stream, grads_bytes)
+    # many queries under a small cap: the scores are bounded too, by searching in chunks of queries
+    tiny = open_index(single, model=bundle, search="stream", memory=grads_bytes // 1024).searcher
+    many = np.random.default_rng(0).standard_normal((300, tiny.width)).astype(np.float32)
+    assert tiny.query_chunk < len(many)  # type: ignore[attr-defined]
+    everything = np.concatenate([rows for _, rows in Store.open(single).iter_rows()])
+    for a, b in zip(tiny.search(many, 7, 9), scan(everything, many, 7, 9), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert peak_faiss > grads_bytes, (peak_faiss, grads_bytes)  # the in-memory index holds every row (as float32)
     # the CLI takes the cap as a size
     from click.testing import CliRunner

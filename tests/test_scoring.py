@@ -51,7 +51,10 @@ def test_bulk_scoring_equals_per_triple_queries(index: TracinIndex, conve_invers
     test = conve_inverse.testing[:40]
     bulk = index.score(test, k=5, batch_size=16)
     assert index.bulk_batch_size(40) == 40, "a small test set is one batch: each candidate's gradient once"
-    whole = index.score(test, k=5)
+    calls: list[tuple[int, int]] = []
+    whole = index.score(test, k=5, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (40, 40) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert any(0 < done < 40 for done, _ in calls), "progress is reported within a batch"
     assert len(bulk) == 40
     for m in range(40):
         [single] = index.query(test[m : m + 1], k=5)

@@ -486,7 +486,7 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relatio
         with _bar(2 * len(triples) if not no_rerank else len(triples), "scoring") as progress:
             result = idx.aggregate(triples, k=top_k, mode=mode, relations=list(relation) or None, candidates=candidates,
                                    opponent_candidates=opponent_candidates, rerank=not no_rerank, progress=progress,
-                                   batch_size=batch_size or 256)
+                                   batch_size=256 if batch_size is None else batch_size)
         write_records(result.records(), ["mode", *TRAIN_COLUMNS], out, overwrite=overwrite)
         click.echo(_format_aggregate(result))
         click.echo(f"wrote the aggregate ranking of {len(triples):,} test triples to {out} "

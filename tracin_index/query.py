@@ -462,7 +462,7 @@ class TracinIndex:
 
     def query(self, triples: Any, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
               neighbourhood: bool = False, candidates: int | None = None, opponent_candidates: int | None = None,
-              rerank: bool = True, batch_size: int = 64) -> Results:
+              rerank: bool = True, batch_size: int | None = None) -> Results:
         """Top-``k`` proponents and opponents (or ``top`` by magnitude) of each test triple.
 
         ``triples``: what :meth:`parse` accepts. ``mode``: ``dot`` (raw TracIn), ``cosine``
@@ -505,7 +505,7 @@ class TracinIndex:
         """
         s = settings or self.settings(**kwargs)
         t = self.parse(test)
-        size = batch_size or self.bulk_batch_size(len(t), s)
+        size = self.bulk_batch_size(len(t), s) if batch_size is None else batch_size
         if size < 1:
             raise InputError(f"--batch-size {size} must be at least 1")
         out = Results()
@@ -525,7 +525,7 @@ class TracinIndex:
     def iter_batches(self, test: torch.Tensor, s: ScoreSettings, *, batch_size: int | None = None,
                      start: int = 0) -> Iterator[Results]:
         """:meth:`score_batch` over consecutive batches of ``test`` from batch number ``start``."""
-        batch_size = batch_size or self.bulk_batch_size(len(test), s)
+        batch_size = self.bulk_batch_size(len(test), s) if batch_size is None else batch_size
         if batch_size < 1:
             raise InputError(f"--batch-size {batch_size} must be at least 1")
         for b0 in range(start * batch_size, len(test), batch_size):

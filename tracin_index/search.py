@@ -34,6 +34,7 @@ __all__ = ["FaissSearcher", "Searcher", "StreamSearcher", "TorchSearcher", "buil
            "scan", "scan_blocks", "search"]
 
 Mask = Callable[[int, int], torch.Tensor | None]
+SCORE_COPIES = 3  # float32 copies of a block's scores alive at once in scan_blocks (scores, signed, masked)
 
 
 def build_flat_index(store: Store) -> faiss.Index:
@@ -220,8 +221,10 @@ def _fits_in_memory(store: Store, memory: int | None) -> bool:
 class StreamSearcher(Searcher):
     """Exact search straight from the store, one block of rows in memory at a time (a store larger than RAM).
 
-    ``memory`` bounds the bytes of one block (its stored rows, their float32 copy and the scores);
-    every search reads the whole store once, so its time is the store's read time.
+    ``memory`` bounds the bytes held: half for one block of rows (its stored bytes, their decoding and
+    float32 copy), half for the block's scores (``block_rows x queries``, about three float32 copies).
+    Each search reads the whole store once per ``query_chunk`` queries, so its time is the store's read
+    time (a bulk batch of 20k queries under the default 256 MiB reads it a few times; raise ``memory``).
     """
 
     backend = "stream"
@@ -233,12 +236,20 @@ class StreamSearcher(Searcher):
         # plus its float32 copy: measured 11 bytes per float16 number (tracemalloc, tests/test_distributed.py)
         per_row = self.width * (3 * np.dtype(str(store.array("grads").dtype)).itemsize + 5)
         unit = int(store.attrs["unit_rows"])  # whole chunks: a chunk is never read twice
-        self.block_rows = max(unit, (memory // per_row) // unit * unit)
+        self.block_rows = max(unit, (memory // 2 // per_row) // unit * unit)
+        self.query_chunk = max(1, memory // 2 // (SCORE_COPIES * 4 * self.block_rows))
 
     def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
                mask: Mask | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        return scan_blocks(self.store.iter_rows(self.block_rows), self.store.num_rows, q, n_top, n_bottom,
-                           row_scale=row_scale, mask=mask, device=self.device)
+        parts = []
+        for lo in range(0, max(1, len(q)), self.query_chunk):
+            hi = lo + self.query_chunk
+            parts.append(scan_blocks(self.store.iter_rows(self.block_rows), self.store.num_rows, q[lo:hi], n_top,
+                                     n_bottom, row_scale=row_scale,
+                                     mask=None if mask is None else _shift_mask(mask, lo, hi), device=self.device))
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(4))  # type: ignore[return-value]
 
 
 def make_searcher(store: Store, device: torch.device, backend: str = "auto", memory: int | None = None) -> Searcher:
