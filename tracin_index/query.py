@@ -64,7 +64,7 @@ PAIR_BYTES = 64  # bookkeeping per (test, candidate) pair in the re-rank: keys, 
 
 
 def default_candidates(k: int) -> tuple[int, int]:
-    """FAISS candidates re-ranked exactly, per end: (proponents, opponents).
+    """Search candidates re-ranked exactly, per end: (proponents, opponents).
 
     Opponents get more: their influences are small and projection noise swamps them (DESIGN section 3).
     """
@@ -233,7 +233,7 @@ class TracinIndex:
         self.labels = labels
         self.triples = torch.from_numpy(store.read("triples").astype(np.int64))
         self.train_index = store.read("train_index").astype(np.int64)
-        # built from the rows, every chunk's checksum checked: FAISS on the CPU, a torch scan on a GPU
+        # built from the rows, every chunk's checksum checked: the blocked scan (float32 on the CPU, float16 on a GPU)
         self.searcher = make_searcher(store, tracer.device, search_backend, memory)
         self._inv_norms = _reciprocal(store.read("norms").astype(np.float32))  # (N, C): the cosine mode's row scale
         self._per_test_bytes: int | None = None
