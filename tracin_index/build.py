@@ -1,4 +1,4 @@
-"""Stage 6: the index phase. Gradients of every training triple, projected, into a store, plus FAISS."""
+"""Stage 6: the index phase. Gradients of every training triple, projected, into a store (searched at open)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 One engine serves the ad-hoc ``query``, the bulk ``score`` and the set-level ``aggregate``: test
 triples are processed in batches (gradients computed once per batch, never per triple), candidates are
-retrieved for both ends with FAISS (or a masked/weighted scan for filters and the cosine mode), and the
-union of a batch's candidates is re-ranked by exact TracIn in one pass.
+retrieved for both ends by one exact scan (masked or weighted for filters and the cosine mode), and
+the batch's (test, candidate) pairs are re-ranked by exact TracIn train-major: each distinct
+candidate's gradient once per batch, only the asked products.
 """
 
 from __future__ import annotations
@@ -619,8 +620,8 @@ def open_index(
 
     ``layers``, ``loss`` and ``projection``, when given, must equal the store's; the model's and the
     checkpoints' fingerprints must equal the recorded ones. ``search``: the candidate-search backend,
-    ``auto`` (FAISS on the CPU; on a GPU faiss-gpu if installed, else a torch scan there; a stream from
-    the store when the rows do not fit in memory), ``faiss``, ``torch`` or ``stream`` (exact, one block
+    ``auto`` (the torch blocked scan where the model runs, or faiss-gpu's index on a GPU when it is
+    installed; a stream from the store when the rows do not fit in memory), ``faiss``, ``torch`` or ``stream`` (exact, one block
     of at most ``memory`` bytes in RAM at a time: stores larger than memory). ``memory``: the bytes the
     search may hold (default: the in-memory index if it fits in half the available RAM, else 256 MiB blocks).
     """
