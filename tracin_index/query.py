@@ -423,9 +423,11 @@ class TracinIndex:
         ).numpy()
 
         def look(ids: np.ndarray) -> np.ndarray:
+            """Each (test, candidate id)'s exact value; 0 for the -1 of a missing place."""
+            if not len(values):
+                return np.zeros(ids.shape, dtype=np.float32)
             at = np.searchsorted(keys, np.maximum(ids, 0).astype(np.int64) * m + np.arange(m)[:, None])
-            return np.where(ids >= 0, values[np.minimum(at, len(values) - 1)], 0.0).astype(np.float32) if len(values) \
-                else np.zeros(ids.shape, dtype=np.float32)
+            return np.where(ids >= 0, values[np.minimum(at, len(values) - 1)], 0.0).astype(np.float32)
 
         return look(pi), look(oi)
 
@@ -477,13 +479,19 @@ class TracinIndex:
                           opponent_candidates=opponent_candidates, rerank=rerank)
         return self.score(triples, s, batch_size=batch_size)
 
-    def bulk_batch_size(self, n_tests: int, settings: ScoreSettings | None = None, memory: int = BULK_MEMORY) -> int:
-        """Test triples per bulk batch: as many as ``memory`` holds (their exact gradients and candidate pairs).
+    def bulk_batch_size(self, n_tests: int, settings: ScoreSettings | None = None, memory: int = BULK_MEMORY,
+                        *, requested: int | None = None) -> int:
+        """Test triples per bulk batch: ``requested`` (checked), else as many as ``memory`` holds (their exact
+        gradients and candidate pairs).
 
         The re-rank computes each distinct candidate's gradient once per batch, so a batch of the whole
         test set recomputes at most every training triple once; batches of 64 would recompute ~38k rows
         each at FB15k-237 scale. At least 64 (a batch is also the unit a killed ``write_scores`` resumes from).
         """
+        if requested is not None:
+            if requested < 1:
+                raise InputError(f"--batch-size {requested} must be at least 1")
+            return requested
         if self._per_test_bytes is None:
             with torch.no_grad():
                 r = self.tracer.rows(self.triples[:1], keep_blocks=True)
@@ -506,32 +514,29 @@ class TracinIndex:
         """
         s = settings or self.settings(**kwargs)
         t = self.parse(test)
-        size = self.bulk_batch_size(len(t), s) if batch_size is None else batch_size
-        if size < 1:
-            raise InputError(f"--batch-size {size} must be at least 1")
         out = Results()
-        for b0 in range(0, len(t), size):
-            part = t[b0 : b0 + size]
-
-            def within(fraction: float, b0: int = b0, n: int = len(part)) -> None:
-                assert progress is not None
-                progress(b0 + int(n * fraction), len(t))
-
-            with torch.no_grad():
-                out.extend(self.score_batch(part, s, within if progress is not None else None))
+        for batch in self.iter_batches(t, s, batch_size=batch_size, progress=progress):
+            out.extend(batch)
             if progress is not None:
                 progress(len(out), len(t))
         return out
 
-    def iter_batches(self, test: torch.Tensor, s: ScoreSettings, *, batch_size: int | None = None,
-                     start: int = 0) -> Iterator[Results]:
-        """:meth:`score_batch` over consecutive batches of ``test`` from batch number ``start``."""
-        batch_size = self.bulk_batch_size(len(test), s) if batch_size is None else batch_size
-        if batch_size < 1:
-            raise InputError(f"--batch-size {batch_size} must be at least 1")
-        for b0 in range(start * batch_size, len(test), batch_size):
+    def iter_batches(self, test: torch.Tensor, s: ScoreSettings, *, batch_size: int | None = None, start: int = 0,
+                     progress: Progress | None = None) -> Iterator[Results]:
+        """:meth:`score_batch` over consecutive batches of ``test`` from batch number ``start``.
+
+        ``progress(done, len(test))`` is called within each batch (estimated; see :meth:`score_batch`).
+        """
+        size = self.bulk_batch_size(len(test), s, requested=batch_size)
+        for b0 in range(start * size, len(test), size):
+            part = test[b0 : b0 + size]
+
+            def within(fraction: float, b0: int = b0, n: int = len(part)) -> None:
+                assert progress is not None
+                progress(b0 + int(n * fraction), len(test))
+
             with torch.no_grad():
-                yield self.score_batch(test[b0 : b0 + batch_size], s)
+                yield self.score_batch(part, s, within if progress is not None else None)
 
     def aggregate(self, test: Any, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
                   candidates: int | None = None, opponent_candidates: int | None = None, rerank: bool = True,

@@ -137,10 +137,7 @@ def write_scores(
     fmt = _check_out(out, overwrite)
     triples = index.parse(test)
     positions = np.arange(len(triples)) if test_index is None else np.asarray(test_index, dtype=np.int64)
-    if batch_size is None:
-        batch_size = index.bulk_batch_size(len(triples), settings)
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size} must be at least 1")
+    batch_size = index.bulk_batch_size(len(triples), settings, requested=batch_size)
     manifest = {
         "schema": 1, "format": fmt, "batch_size": batch_size, "settings": settings.to_dict(),
         "index": _index_identity(index), "test_sha256": triples_fingerprint(triples),
@@ -175,9 +172,10 @@ def write_scores(
         if path.exists():
             continue
         lo, hi = b * batch_size, min(len(triples), (b + 1) * batch_size)
+
         def within(fraction: float, before: int = done, n: int = hi - lo) -> None:
-            if progress is not None:
-                progress(before + int(n * fraction), len(triples))
+            assert progress is not None
+            progress(before + int(n * fraction), len(triples))
 
         with torch.no_grad():
             results = index.score_batch(triples[lo:hi], settings, within if progress is not None else None)

@@ -87,22 +87,37 @@ def scan(
     """
     table = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
     n = table.shape[0]
-    if len(queries) > query_chunk:  # bounded scores (block_rows x query_chunk); rows in memory are cheap to re-read
-        parts = [scan(table, queries[i : i + query_chunk], n_top, n_bottom, row_scale=row_scale,
-                      mask=None if mask is None else _shift_mask(mask, i, i + query_chunk),
-                      block_rows=block_rows, query_chunk=query_chunk)
-                 for i in range(0, len(queries), query_chunk)]
-        return tuple(np.concatenate([p[j] for p in parts]) for j in range(4))  # type: ignore[return-value]
-    blocks = ((start, table[start : min(n, start + block_rows)]) for start in range(0, n, block_rows))
-    return scan_blocks(blocks, n, queries, n_top, n_bottom, row_scale=row_scale, mask=mask, device=table.device)
+
+    def one_chunk(q: np.ndarray, chunk_mask: Mask | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        blocks = ((start, table[start : min(n, start + block_rows)]) for start in range(0, n, block_rows))
+        return scan_blocks(blocks, n, q, n_top, n_bottom, row_scale=row_scale, mask=chunk_mask, device=table.device)
+
+    # bounded scores (block_rows x query_chunk); rows in memory are cheap to re-read per chunk
+    return _in_query_chunks(queries, query_chunk, mask, one_chunk)
 
 
-def _shift_mask(mask: Mask, lo: int, hi: int) -> Mask:
-    """The mask of queries ``lo:hi`` only (a per-query mask is ``(b, M)``)."""
-    def part(start: int, stop: int) -> torch.Tensor | None:
-        out = mask(start, stop)
-        return out[:, lo:hi] if out is not None and out.dim() == 2 else out
-    return part
+def _in_query_chunks(
+    queries: np.ndarray, chunk: int, mask: Mask | None,
+    search: Callable[[np.ndarray, Mask | None], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``search(queries, mask)`` over consecutive chunks of at most ``chunk`` queries, results joined.
+
+    A per-query mask (``(b, M)``) is cut to each chunk's columns.
+    """
+    if len(queries) <= chunk:
+        return search(queries, mask)
+
+    def cut(lo: int, hi: int) -> Mask | None:
+        if mask is None:
+            return None
+
+        def part(start: int, stop: int) -> torch.Tensor | None:
+            out = mask(start, stop)
+            return out[:, lo:hi] if out is not None and out.dim() == 2 else out
+        return part
+
+    parts = [search(queries[lo : lo + chunk], cut(lo, lo + chunk)) for lo in range(0, len(queries), chunk)]
+    return tuple(np.concatenate([p[j] for p in parts]) for j in range(4))  # type: ignore[return-value]
 
 
 def scan_blocks(
@@ -241,15 +256,11 @@ class StreamSearcher(Searcher):
 
     def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
                mask: Mask | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        parts = []
-        for lo in range(0, max(1, len(q)), self.query_chunk):
-            hi = lo + self.query_chunk
-            parts.append(scan_blocks(self.store.iter_rows(self.block_rows), self.store.num_rows, q[lo:hi], n_top,
-                                     n_bottom, row_scale=row_scale,
-                                     mask=None if mask is None else _shift_mask(mask, lo, hi), device=self.device))
-        if len(parts) == 1:
-            return parts[0]
-        return tuple(np.concatenate([p[j] for p in parts]) for j in range(4))  # type: ignore[return-value]
+        def one_chunk(queries: np.ndarray, chunk_mask: Mask | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            return scan_blocks(self.store.iter_rows(self.block_rows), self.store.num_rows, queries, n_top, n_bottom,
+                               row_scale=row_scale, mask=chunk_mask, device=self.device)
+
+        return _in_query_chunks(q, self.query_chunk, mask, one_chunk)  # one read of the store per chunk
 
 
 def make_searcher(store: Store, device: torch.device, backend: str = "auto", memory: int | None = None) -> Searcher:
