@@ -23,10 +23,10 @@ def tune_allocator() -> bool:
     glibc serves every allocation above 32 MiB with a fresh ``mmap`` and unmaps it on free, so each large
     activation (ConvE's 2048 x 32 x 18 x 18 feature maps are 85 MB) is page-faulted in again, every batch:
     measured on 2 cores, conv + BatchNorm + ReLU over 2048 rows took 136 ms that way and 31 ms with the
-    heap kept, and a 20k-triple build went from 3,376 to 5,430 triples/s (``benchmarks/RESULTS.md``).
-    Here mmap is off (large blocks come from the heap), up to 256 MiB of free heap top is kept, and
-    16 MiB of padding is taken per heap growth. The price is resident memory that is free but kept:
-    the same build's peak RSS went from 889 to 1,103 MB.
+    heap kept, and a 20k-triple build went from 3,376 to 5,653 triples/s (``benchmarks/RESULTS.md``).
+    Here mmap is off (large blocks come from the heap), up to 1 GiB of free heap top is kept, and
+    64 MiB of padding is taken per heap growth (``tests/test_runtime.py`` counts the page faults). The price is resident memory that is free but
+    kept: the same build's peak RSS went from 889 to 1,183 MB.
     Set ``TRACIN_INDEX_MALLOC=system`` to leave the allocator alone. Returns whether it was tuned.
     """
     global _tuned
@@ -42,7 +42,7 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 256 << 20) and mallopt(_M_TOP_PAD, 16 << 20)
+    ok = mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 1 << 30) and mallopt(_M_TOP_PAD, 64 << 20)
     _tuned = bool(ok)
     return _tuned
 
