@@ -59,6 +59,34 @@ def test_exact_mode_equals_autograd_loop(fixture: str, layers: str, loss: str, r
     assert torch.allclose(self_stored, self_ref, rtol=1e-4, atol=1e-6)
     norms = torch.from_numpy(np.asarray(store.array("norms")[train_idx.numpy()]))
     assert torch.allclose(norms[:, 1], ref_train[1].norm(dim=1), rtol=1e-4, atol=1e-6)
+    # 4. the re-rank's pairs, through the build's stored Linear outputs where the first tracked layer is a Linear
+    cacheable = fixture.startswith("conve") and layers == "last:2"
+    cache = store.attrs["activation_cache"]
+    assert (cache is not None) == cacheable and (index._acts is not None) == cacheable
+    if cacheable:
+        assert cache["module"] == "interaction.hr1d.0" and ("acts" in store.group)
+        assert index._acts is not None and index._acts[1].shape == (store.num_rows, cache["width"])
+    r = index.tracer.rows(test, keep_blocks=True)
+    pair_train = torch.arange(len(train_idx)).repeat_interleave(3)  # sorted by training triple
+    pair_test = torch.arange(3).repeat(len(train_idx))
+    acts = None if index._acts is None else (index._acts[0], index._acts[1][train_idx])
+    linear_calls = []
+    original = torch.nn.Linear.forward
+
+    def counting(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        linear_calls.append(self)
+        return original(self, x)
+
+    torch.nn.Linear.forward = counting  # type: ignore[method-assign]
+    try:
+        got = index.tracer.exact_pairs(r.blocks, bundle.triples.mapped[train_idx], pair_test, pair_train, batch_size=16,
+                                       train_acts=acts)
+    finally:
+        torch.nn.Linear.forward = original  # type: ignore[method-assign]
+    assert torch.allclose(got, expected[pair_test, pair_train], rtol=1e-4, atol=1e-4 * scale)
+    cached = dict(index.tracer.model.named_modules()).get("interaction.hr1d.0")
+    if cached is not None:  # ConvE: the stored outputs stand in for the layer's matmul exactly when cached
+        assert any(m is cached for m in linear_calls) == (not cacheable)
 
 
 def test_query_values_are_exact_and_ranked(conve_inverse: Trained, tmp_path: Path) -> None:

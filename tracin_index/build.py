@@ -48,6 +48,9 @@ class BuildConfig:
     stratify: str = "relation"
     sample_seed: int = 0
     dtype: str | None = None  # stored rows: float16 (default for projections) or float32 (default for none)
+    # store the first tracked Linear's outputs (float32, R * out numbers per triple and checkpoint) so the
+    # exact re-rank skips that layer's matmul; ConvE: 1,600 bytes per triple beside its 2,048 of rows
+    cache_activations: bool = True
 
     def check(self) -> None:
         if self.dtype not in (None, "float16", "float32"):
@@ -179,6 +182,7 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
     triples = all_triples[torch.from_numpy(keep)]
     tracer = Tracer(bundle, ckpts, names, config.loss, config.projection, device, config.projection_memory)
     dtype = config.dtype or ("float32" if config.projection.kind == "none" else "float16")
+    cache = tracer.activation_cache(all_triples[:2]) if config.cache_activations else None
     identity: dict[str, Any] = {
         "model_class": type(bundle.model).__name__,
         "inverse_triples": bool(getattr(bundle.model, "use_inverse_triples", False)),
@@ -191,6 +195,7 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
         "loss": config.loss,
         "projection": config.projection.to_dict(),
         "dtype": dtype,
+        "activation_cache": cache,
         "schema_version": SCHEMA_VERSION,
     }
     identity_sha = _digest(identity)
@@ -253,6 +258,7 @@ def _create_or_resume(out: StorePath, bundle: ModelBundle, plan: _Plan, config: 
             path, triples=plan.triples.numpy(), train_index=plan.keep, entity_labels=bundle.triples.entity_labels,
             relation_labels=bundle.triples.relation_labels, width=plan.tracer.width,
             num_checkpoints=len(plan.tracer.checkpoints), unit_rows=config.unit_rows, dtype=plan.dtype, attrs=plan.attrs,
+            acts_width=(plan.attrs["activation_cache"] or {}).get("width", 0),
         )
     except BaseException:
         remove_build(path)
@@ -485,9 +491,11 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
         progress(rows_done, total_rows)
     compute_s = write_s = wait_s = 0.0
 
-    def write(u: int, rows: np.ndarray, self_inf: np.ndarray, norms: np.ndarray) -> float:
+    keep_acts = "acts" in store.group
+
+    def write(u: int, rows: np.ndarray, self_inf: np.ndarray, norms: np.ndarray, acts: np.ndarray | None) -> float:
         t0 = time.perf_counter()
-        store.write_unit(u, rows, self_inf, norms)
+        store.write_unit(u, rows, self_inf, norms, acts)
         return time.perf_counter() - t0
 
     pending: Future[float] | None = None
@@ -497,7 +505,7 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
                 start, stop = store.unit_range(int(u))
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    r = tracer.rows(triples[start:stop], batch_size=config.batch_size)
+                    r = tracer.rows(triples[start:stop], batch_size=config.batch_size, keep_acts=keep_acts)
                 with np.errstate(over="ignore"):
                     rows = r.rows.cpu().numpy().astype(dtype)
                 if not np.isfinite(rows).all():
@@ -514,7 +522,8 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
                     computed += 1
                     if progress is not None:
                         progress(rows_done, total_rows)
-                pending = writer.submit(write, int(u), rows, self_inf, norms)
+                acts = None if r.acts is None else r.acts.cpu().numpy().astype(np.float32)
+                pending = writer.submit(write, int(u), rows, self_inf, norms, acts)
                 rows_done += stop - start
             if pending is not None:
                 t1 = time.perf_counter()

@@ -35,7 +35,7 @@ from .model import (
 )
 from .projection import ProjectionSpec
 from .runtime import resolve_device, tune_allocator
-from .search import make_searcher
+from .search import available_memory, make_searcher
 from .store import Store
 from .tracer import Tracer
 
@@ -237,7 +237,18 @@ class TracinIndex:
         # built from the rows, every chunk's checksum checked: the blocked scan (float32 on the CPU, float16 on a GPU)
         self.searcher = make_searcher(store, tracer.device, search_backend, memory)
         self._inv_norms = _reciprocal(store.read("norms").astype(np.float32))  # (N, C): the cosine mode's row scale
+        self._acts = self._load_acts()
         self._per_test_bytes: int | None = None
+
+    def _load_acts(self) -> tuple[str, torch.Tensor] | None:
+        """The build's activation cache (module name, ``(N, C*R*out)`` float32) when it has one and it fits
+        in a quarter of the available memory; else None, and the re-rank recomputes that layer."""
+        cache = self.store.attrs.get("activation_cache")
+        if not cache or "acts" not in self.store.group:
+            return None
+        if self.num_rows * int(cache["width"]) * 4 > available_memory() // 4:
+            return None
+        return str(cache["module"]), torch.from_numpy(self.store.read("acts"))
 
     @property
     def num_rows(self) -> int:
@@ -419,7 +430,7 @@ class TracinIndex:
         values = self.tracer.exact_pairs(
             blocks, self.triples[torch.from_numpy(union)], torch.from_numpy(tests), torch.from_numpy(pair_train),
             test_scale=test_scale, train_scale=None if row_scale is None else torch.from_numpy(row_scale[union]),
-            progress=progress,
+            progress=progress, train_acts=None if self._acts is None else (self._acts[0], self._acts[1][union]),
         ).numpy()
 
         def look(ids: np.ndarray) -> np.ndarray:

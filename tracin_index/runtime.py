@@ -25,8 +25,8 @@ def tune_allocator() -> bool:
     measured on 2 cores, conv + BatchNorm + ReLU over 2048 rows took 136 ms that way and 31 ms with the
     heap kept, and a 20k-triple build went from 3,376 to 5,653 triples/s (``benchmarks/RESULTS.md``).
     Here mmap is off (large blocks come from the heap), up to 1 GiB of free heap top is kept, and
-    64 MiB of padding is taken per heap growth (``tests/test_runtime.py`` counts the page faults). The price is resident memory that is free but
-    kept: the same build's peak RSS went from 889 to 1,183 MB.
+    64 MiB of padding is taken per heap growth (``tests/test_runtime.py`` counts the page faults). The
+    price is resident memory that is free but kept: the same build's peak RSS went from 889 to 1,183 MB.
     Set ``TRACIN_INDEX_MALLOC=system`` to leave the allocator alone. Returns whether it was tuned.
     """
     global _tuned

@@ -30,8 +30,8 @@ import torch
 from .errors import InputError
 from .store import Store
 
-__all__ = ["FaissSearcher", "Searcher", "StreamSearcher", "TorchSearcher", "build_flat_index", "flat_rows", "make_searcher",
-           "scan", "scan_blocks", "search"]
+__all__ = ["FaissSearcher", "Searcher", "StreamSearcher", "TorchSearcher", "build_flat_index", "coarse_scan", "flat_rows",
+           "available_memory", "make_searcher", "scan", "scan_blocks", "search"]
 
 Mask = Callable[[int, int], torch.Tensor | None]
 SCORE_COPIES = 3  # float32 copies of a block's scores alive at once in scan_blocks (scores, signed, masked)
@@ -70,7 +70,7 @@ def scan(
     *,
     row_scale: np.ndarray | None = None,
     mask: Mask | None = None,
-    block_rows: int = 32768,
+    block_rows: int | None = None,
     query_chunk: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Largest ``n_top`` and smallest ``n_bottom`` scores per query over ``rows (N, W)``.
@@ -84,9 +84,14 @@ def scan(
 
     Returns ``(top_scores (M, n_top) float32, top_ids (M, n_top) int64, bottom_scores, bottom_ids)``,
     best first; missing places (fewer allowed rows than asked) have id -1.
+
+    ``block_rows`` (default: ``2**23 / M`` rows, at least 32768) bounds the scores held at once; a few
+    queries scan the table as one block, so the top-K of each end is cut once, not merged per block.
     """
     table = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
     n = table.shape[0]
+    if block_rows is None:
+        block_rows = max(32768, (1 << 23) // max(1, min(len(queries), query_chunk)))
 
     def one_chunk(q: np.ndarray, chunk_mask: Mask | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         blocks = ((start, table[start : min(n, start + block_rows)]) for start in range(0, n, block_rows))
@@ -175,6 +180,58 @@ def scan_blocks(
     return out[0], out[1], out[2], out[3]
 
 
+COARSE_QUERIES = 16  # at most this many queries take the coarse stage; more make the scan compute-bound
+COARSE_SHARE = 4  # the coarse stage reads the first 1/4 of each checkpoint's columns
+COARSE_FACTOR = 4  # and keeps 4x the asked candidates of each end for the refine over whole rows
+COARSE_MIN_ROWS = 16  # rows per kept candidate below which the full scan costs about the same
+
+
+def coarse_scan(
+    rows: torch.Tensor,
+    coarse: torch.Tensor,
+    queries: np.ndarray,
+    n_top: int,
+    n_bottom: int,
+    checkpoints: int,
+    *,
+    row_scale: np.ndarray | None = None,
+    mask: Mask | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Two-stage :func:`scan` for a few queries: a coarse scan of ``coarse`` (the first columns of each
+    checkpoint's block of ``rows``), then the full rows of its ``COARSE_FACTOR`` x more candidates per end.
+
+    A single query reads the whole table once, so its scan is memory-bound (about 45 ms for 272k x 1024
+    float32 on 2 cores); the prefix of each checkpoint's block is itself a sketch of the same gradients
+    (a CountSketch or Gaussian projection restricted to some of its outputs), an unbiased estimate of
+    the same product from a quarter of the bytes. The returned scores are the whole rows' products,
+    as :func:`scan` gives them; what can differ is a row of the full top-K that the coarse stage
+    ranked below its ``COARSE_FACTOR`` x cut (measured in ``benchmarks/RESULTS.md``).
+    """
+    nt, nb = n_top * COARSE_FACTOR, n_bottom * COARSE_FACTOR
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    m, width = q.shape
+    k = width // checkpoints
+    kc = coarse.shape[1] // checkpoints
+    q_coarse = np.ascontiguousarray(q.reshape(m, checkpoints, k)[:, :, :kc].reshape(m, -1))
+    _, top_ids, _, bottom_ids = scan(coarse, q_coarse, nt, nb, row_scale=row_scale, mask=mask)
+    qt = torch.from_numpy(q).to(rows.device)
+    out: list[np.ndarray] = []
+    for ids, want, sign in ((top_ids, n_top, 1.0), (bottom_ids, n_bottom, -1.0)):
+        idx = torch.from_numpy(ids).to(rows.device)
+        cand = rows[idx.clamp(min=0)].to(torch.float32)  # (M, n, W)
+        prods = (cand.reshape(m, -1, checkpoints, k) * qt.reshape(m, 1, checkpoints, k)).sum(-1)  # (M, n, C)
+        if row_scale is not None:
+            w = torch.from_numpy(np.ascontiguousarray(row_scale, dtype=np.float32)).to(rows.device)[idx.clamp(min=0)]
+            prods = prods * w
+        scores = prods.sum(-1) * sign
+        scores = scores.masked_fill(idx < 0, -torch.inf)
+        best = torch.topk(scores, min(want, scores.shape[1]), dim=1)
+        best_ids = torch.gather(idx, 1, best.indices)
+        best_ids[~torch.isfinite(best.values)] = -1
+        out += [(best.values * sign).cpu().numpy().astype(np.float32), best_ids.cpu().numpy().astype(np.int64)]
+    return out[0], out[1], out[2], out[3]
+
+
 class Searcher:
     """Both ends of an inner-product search over the stored rows, optionally weighted and masked."""
 
@@ -203,20 +260,43 @@ class FaissSearcher(Searcher):
 
 
 class TorchSearcher(Searcher):
-    """The blocked scan over rows held on a torch device (a GPU without faiss-gpu)."""
+    """The blocked scan over rows held on a torch device (a GPU without faiss-gpu).
+
+    With ``coarse`` (what ``search="auto"`` gives on the CPU), a search of at most ``COARSE_QUERIES``
+    queries over a table with at least ``COARSE_MIN_ROWS`` rows per kept candidate goes through
+    :func:`coarse_scan`; everything else (bulk batches, small indexes, ``search="torch"``) is the full scan.
+    """
 
     backend = "torch"
 
-    def __init__(self, rows: torch.Tensor) -> None:
-        self.rows, self.width = rows, int(rows.shape[1])
+    def __init__(self, rows: torch.Tensor, checkpoints: int = 1, coarse: bool = False) -> None:
+        self.rows, self.width, self.checkpoints = rows, int(rows.shape[1]), checkpoints
         self.backend = f"torch-{rows.device.type}"
+        self.coarse = coarse and self.width // checkpoints >= 4 * COARSE_SHARE
+        self._prefix: torch.Tensor | None = None
+
+    def coarse_table(self) -> torch.Tensor:
+        """The first ``1/COARSE_SHARE`` of each checkpoint's columns: a view for one checkpoint, else a copy."""
+        if self._prefix is None:
+            n, c = self.rows.shape[0], self.checkpoints
+            kc = self.width // c // COARSE_SHARE
+            self._prefix = self.rows[:, :kc] if c == 1 else self.rows.reshape(n, c, -1)[:, :, :kc].reshape(n, c * kc)
+        return self._prefix
+
+    def takes_coarse(self, m: int, n_top: int, n_bottom: int) -> bool:
+        kept = COARSE_FACTOR * (n_top + n_bottom)
+        return self.coarse and m <= COARSE_QUERIES and self.rows.shape[0] >= COARSE_MIN_ROWS * max(1, kept)
 
     def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
                mask: Mask | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if self.takes_coarse(len(q), n_top, n_bottom):
+            return coarse_scan(self.rows, self.coarse_table(), q, n_top, n_bottom, self.checkpoints,
+                               row_scale=row_scale, mask=mask)
         return scan(self.rows, q, n_top, n_bottom, row_scale=row_scale, mask=mask)
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
+    """MemAvailable of this machine in bytes (a huge number where it cannot be read)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -230,7 +310,7 @@ def _available_memory() -> int:
 def _fits_in_memory(store: Store, memory: int | None) -> bool:
     """Whether the in-memory float32 index fits: within ``memory`` if given, else half the available RAM."""
     need = store.num_rows * int(store.attrs["width"]) * 4
-    return need <= (memory if memory is not None else _available_memory() // 2)
+    return need <= (memory if memory is not None else available_memory() // 2)
 
 
 class StreamSearcher(Searcher):
@@ -277,7 +357,8 @@ def make_searcher(store: Store, device: torch.device, backend: str = "auto", mem
         table = torch.empty((store.num_rows, width), dtype=dtype, device=device)
         for start, block in store.iter_rows():
             table[start : start + len(block)] = torch.from_numpy(block).to(device=device, dtype=dtype)
-        return TorchSearcher(table)
+        checkpoints = len(store.attrs["checkpoints"])
+        return TorchSearcher(table, checkpoints, coarse=backend == "auto" and not on_gpu)
     index = build_flat_index(store)
     rows = flat_rows(index)
     if faiss_gpu:  # pragma: no cover - needs faiss-gpu and a GPU

@@ -20,9 +20,11 @@ is a sibling they never see. Layout of one build::
     entity_labels/       (E,) str;  relation_labels/ (R,) str
     self_influence/      (N,) float32, exact: sum_c lr_c ||g_c||^2
     norms/               (N, C) float32, exact ||g_c||
+    acts/                (N, C*R*out) float32, optional: the first tracked Linear's outputs (attribute
+                         ``activation_cache``), which the exact re-rank takes instead of recomputing them
     done/                (U,) bool, one flag (one chunk) per write unit
 
-The FAISS flat index is built in memory from the rows when an index is opened (reading every chunk,
+The search table is built in memory from the rows when an index is opened (reading every chunk,
 so through its checksum); no second copy of the rows is kept on disk that could disagree with them.
 
 A write unit is ``unit_rows`` rows: one chunk of every per-row array. Its rows are written first, then
@@ -97,6 +99,7 @@ class Store:
         unit_rows: int,
         dtype: str,
         attrs: dict[str, Any],
+        acts_width: int = 0,
     ) -> Store:
         n = int(triples.shape[0])
         unit_rows = max(1, min(unit_rows, n))  # Zarr writes whole chunks: no padding beyond the data
@@ -107,6 +110,8 @@ class Store:
         group.create_array("train_index", shape=(n,), chunks=(unit_rows,), dtype="int64", **_codecs())
         group.create_array("self_influence", shape=(n,), chunks=(unit_rows,), dtype="float32", **_codecs())
         group.create_array("norms", shape=(n, num_checkpoints), chunks=(unit_rows, num_checkpoints), dtype="float32", **_codecs())
+        if acts_width:  # the activation cache (optional): the first tracked Linear's outputs, float32
+            group.create_array("acts", shape=(n, acts_width), chunks=(unit_rows, acts_width), dtype="float32", **_codecs())
         group.create_array("done", shape=(units,), chunks=(1,), dtype="bool", fill_value=False, **_codecs())
         for name, labels in (("entity_labels", entity_labels), ("relation_labels", relation_labels)):
             arr = group.create_array(name, shape=(len(labels),), chunks=(max(1, len(labels)),), dtype=str,
@@ -154,9 +159,14 @@ class Store:
         rows = int(self.attrs["unit_rows"])
         return u * rows, min(self.num_rows, (u + 1) * rows)
 
-    def write_unit(self, u: int, grads: np.ndarray, self_influence: np.ndarray, norms: np.ndarray) -> None:
-        """Write unit ``u``'s rows, then its done flag."""
+    def write_unit(self, u: int, grads: np.ndarray, self_influence: np.ndarray, norms: np.ndarray,
+                   acts: np.ndarray | None = None) -> None:
+        """Write unit ``u``'s rows (and activations, when the store caches them), then its done flag."""
         start, stop = self.unit_range(u)
+        if "acts" in self.group:
+            if acts is None:
+                raise ValueError("this store caches activations: write_unit needs them")
+            self.array("acts")[start:stop] = acts
         self.array("grads")[start:stop] = grads
         self.array("self_influence")[start:stop] = self_influence
         self.array("norms")[start:stop] = norms

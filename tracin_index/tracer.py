@@ -26,11 +26,13 @@ __all__ = ["Rows", "Tracer"]
 
 @dataclass
 class Rows:
-    """Projected rows ``(B, C*k) float32``, exact squared norms ``(B, C)``, and the blocks per checkpoint."""
+    """Projected rows ``(B, C*k) float32``, exact squared norms ``(B, C)``, the blocks per checkpoint, and
+    (when asked) the cache module's outputs ``(B, C*R*out) float32``, triple-major."""
 
     rows: torch.Tensor
     sq_norms: torch.Tensor
     blocks: list[list[GradBlock]]
+    acts: torch.Tensor | None = None
 
 
 class Tracer:
@@ -97,14 +99,26 @@ class Tracer:
             return self.computer.checked(triples)
         return self.computer(triples)
 
-    def rows(self, triples: torch.Tensor, batch_size: int = 1024, keep_blocks: bool = False) -> Rows:
+    def activation_cache(self, probe: torch.Tensor) -> dict[str, Any] | None:
+        """The layer whose outputs a build can store for the re-rank (see ``GradientComputer.cache_module``):
+        ``{"module", "width"}`` (``width`` = C * R * out numbers per triple), or None. Runs ``probe`` once."""
+        self.gradients(probe, 0)
+        name = self.computer.cache_module
+        out = self.computer.last_output
+        if name is None or out is None:
+            return None
+        per = out.shape[0] // probe.shape[0]
+        return {"module": name, "width": len(self.checkpoints) * per * int(out.shape[1])}
+
+    def rows(self, triples: torch.Tensor, batch_size: int = 1024, keep_blocks: bool = False, keep_acts: bool = False) -> Rows:
         """Stored rows for ``(B, 3) int64`` raw-id triples, checked for NaN/inf.
 
         Checkpoints are the outer loop, so a state is loaded once per call, not once per batch.
+        ``keep_acts``: also the cache module's outputs (:meth:`activation_cache`), for the store.
         """
-        parts, norms, kept = [], [], []
+        parts, norms, kept, acts = [], [], [], []
         for c, ckpt in enumerate(self.checkpoints):
-            proj, sq, blocks_c = [], [], []
+            proj, sq, blocks_c, acts_c = [], [], [], []
             for start in range(0, triples.shape[0], batch_size):
                 t0 = self._mark()
                 blocks = self.gradients(triples[start : start + batch_size], c)
@@ -121,10 +135,17 @@ class Tracer:
                 sq.append(sq_norms(blocks))
                 if keep_blocks:
                     blocks_c.append(blocks)
+                if keep_acts:
+                    out = self.computer.last_output
+                    assert out is not None, "keep_acts needs a cache module (activation_cache)"
+                    b = min(batch_size, triples.shape[0] - start)
+                    acts_c.append(out.reshape(-1, b, out.shape[1]).transpose(0, 1).reshape(b, -1))  # (b, R*out)
             parts.append(torch.cat(proj))
             norms.append(torch.cat(sq))
             if keep_blocks:
                 kept.append(concat(blocks_c))
+            if keep_acts:
+                acts.append(torch.cat(acts_c))
         rows = torch.cat(parts, dim=1)
         sq_all = torch.stack(norms, dim=1)
         bad = ~(torch.isfinite(rows).all(dim=1) & torch.isfinite(sq_all).all(dim=1))
@@ -134,7 +155,7 @@ class Tracer:
                 f"the gradient of triple {triples[i].tolist()} is NaN or infinite; the model (or a checkpoint) "
                 "has diverged: index a healthy checkpoint"
             )
-        return Rows(rows=rows, sq_norms=sq_all, blocks=kept)
+        return Rows(rows=rows, sq_norms=sq_all, blocks=kept, acts=torch.cat(acts, dim=1) if keep_acts else None)
 
     def self_influence(self, sq: torch.Tensor) -> torch.Tensor:
         """``sum_c lr_c ||g_c||^2`` from squared norms ``(B, C)``."""
@@ -169,6 +190,16 @@ class Tracer:
         assert total is not None
         return total
 
+    def _train_gradients(self, train: torch.Tensor, c: int, start: int,
+                         acts: tuple[str, torch.Tensor] | None) -> list[GradBlock]:
+        if acts is None or not self._checked or self.computer.cache_module != acts[0]:
+            return self.gradients(train, c)
+        self.use_checkpoint(c)
+        name, table = acts
+        b, out_f = train.shape[0], int(self.computer.modules[name].out_features)
+        mine = table[start : start + b].reshape(b, len(self.checkpoints), -1, out_f)[:, c]  # (b, R, out)
+        return self.computer(train, outputs={name: mine.transpose(0, 1).reshape(-1, out_f)})  # row r * b + j
+
     def exact_pairs(
         self,
         test_blocks: list[list[GradBlock]],
@@ -179,13 +210,16 @@ class Tracer:
         test_scale: torch.Tensor | None = None,
         train_scale: torch.Tensor | None = None,
         progress: Callable[[float], None] | None = None,
+        train_acts: tuple[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Exact TracIn ``(P,) float32`` for the pairs ``(test pair_test[p], train[pair_train[p]])`` only.
 
         The train-major re-rank: ``train`` holds each needed training triple once, so its gradient is
         computed once per checkpoint however many tests asked for it; ``pair_train`` must be sorted (then
         each batch of training triples owns one contiguous run of pairs). Scales as in :meth:`exact`.
-        ``progress(fraction)`` is called after each batch of training triples.
+        ``progress(fraction)`` is called after each batch of training triples. ``train_acts``: the cache
+        module's name and its stored outputs for ``train`` ``(len(train), C*R*out)`` (the build's
+        ``acts``), which the gradients then take instead of recomputing that layer.
         """
         n_pairs = int(pair_test.shape[0])
         total = torch.zeros(n_pairs)
@@ -198,7 +232,8 @@ class Tracer:
                 if lo == hi:
                     continue
                 pt, pr = pair_test[lo:hi], pair_train[lo:hi] - s
-                part = inner_pairs(test_blocks[c], self.gradients(train[s : s + batch_size], c), pt, pr).cpu()
+                part = inner_pairs(test_blocks[c], self._train_gradients(train[s : s + batch_size], c, s, train_acts),
+                                   pt, pr).cpu()
                 if train_scale is not None:
                     part = part * train_scale[s + pr, c].to(part)
                 if test_scale is not None:

@@ -68,6 +68,23 @@ def verify_rows(store: Store) -> list[str]:
             problems.append("array 'grads' holds NaN or infinite values")
     except StoreError as exc:
         problems.append(str(exc).split(": ", 1)[-1])
+    cache = a.get("activation_cache")
+    if cache and "acts" not in store.group:
+        problems.append("array 'acts' is missing (the store records an activation cache)")
+    elif cache:
+        acts = store.array("acts")
+        if acts.shape != (n, int(cache["width"])):
+            problems.append(f"array 'acts' has shape {acts.shape}, expected {(n, int(cache['width']))}")
+        elif acts.nchunks_initialized != acts.nchunks:
+            problems.append(f"array 'acts' has {acts.nchunks - acts.nchunks_initialized} of {acts.nchunks} chunks missing")
+        else:
+            try:
+                unit = int(a["unit_rows"])
+                step = max(unit, (64 * 2**20) // (4 * max(1, int(cache["width"]))) // unit * unit)  # 64 MiB blocks
+                if not all(bool(np.isfinite(store.read("acts", s0, min(n, s0 + step))).all()) for s0 in range(0, n, step)):
+                    problems.append("array 'acts' holds NaN or infinite values")
+            except StoreError as exc:
+                problems.append(str(exc).split(": ", 1)[-1])
     ti = data["train_index"]
     if ti is not None and len(ti) and (ti[0] < 0 or ti[-1] >= int(a.get("num_train", 0)) or bool(np.any(np.diff(ti) <= 0))):
         problems.append("array 'train_index' is not increasing within the training triples")
