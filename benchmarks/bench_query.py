@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--bulk", type=int, default=20466)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--index", type=Path, default=None, help="keep (and reuse) the built index here")
+    parser.add_argument("--search", default="auto", help="the search backend (auto, torch, coarse, faiss, stream)")
+    parser.add_argument("--recall", action="store_true",
+                        help="also: the coarse stage against the full scan and both against brute force, per ad-hoc query")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (build, test gradients, search and re-rank there)")
     args = parser.parse_args()
     logging.getLogger("pykeen").setLevel(logging.ERROR)
@@ -49,7 +52,7 @@ def main() -> None:
 
     from tracin_index import BuildConfig, build_index, open_index
     from tracin_index.runtime import configure_threads
-    from tracin_index.search import FaissSearcher, build_flat_index, flat_rows
+    from tracin_index.search import FaissSearcher, TorchSearcher, build_flat_index, flat_rows
 
     configure_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +67,7 @@ def main() -> None:
                             torch.randint(14541, (m,), generator=gen)], dim=1)
 
         started = time.perf_counter()
-        index = open_index(where, model=bundle, device=args.device)
+        index = open_index(where, model=bundle, device=args.device, search=args.search)
         opened = time.perf_counter() - started
         index.query(test[:1], k=10)
         cold = time.perf_counter() - started
@@ -87,8 +90,50 @@ def main() -> None:
                 parts += [t1 - t0, t2 - t1, time.perf_counter() - t2]
         lat = np.array(latencies) * 1000
         parts = parts / args.queries * 1000
+        recall_rows = []
+        if args.recall and isinstance(index.searcher, TorchSearcher) and args.device == "cpu":
+            probe = test[: args.queries]
+            runs = {}
+            for coarse in (True, False):
+                index.searcher.coarse = coarse
+                runs[coarse] = [index.query(probe[i : i + 1], k=10)[0] for i in range(len(probe))]
+            index.searcher.coarse = args.search == "coarse"
+            t0 = time.perf_counter()
+            exact = index.exact_influence(probe)  # (Q, N): brute force over every row
+            t_exact = time.perf_counter() - t0
+            same = np.zeros(2)
+            hits = {True: np.zeros(2), False: np.zeros(2)}
+            wanted = np.zeros(2)
+            for i in range(len(probe)):
+                order = torch.argsort(exact[i], descending=True)
+                top = {int(j) for j in order[:10] if exact[i, j] > 0}
+                bottom = {int(j) for j in order.flip(0)[:10] if exact[i, j] < 0}
+                wanted += [len(top), len(bottom)]
+                ends = {c: ([p.train_index for p in r[i].proponents], [o.train_index for o in r[i].opponents])
+                        for c, r in runs.items()}
+                same += [ends[True][0] == ends[False][0], ends[True][1] == ends[False][1]]
+                for c in (True, False):
+                    hits[c] += [len(top & set(ends[c][0])), len(bottom & set(ends[c][1]))]
+            nq = len(probe)
+            recall_rows = [
+                f"| coarse stage vs full scan: identical top-10 lists, proponents / opponents ({nq} queries) | "
+                f"{same[0] / nq:.3f} / {same[1] / nq:.3f} |",
+                f"| recall@10 against brute force (exact over all rows, {t_exact:.0f} s), full scan (default): pro / opp | "
+                f"{hits[False][0] / wanted[0]:.3f} / {hits[False][1] / wanted[1]:.3f} |",
+                f"| recall@10 against brute force, coarse stage (--search coarse): pro / opp | "
+                f"{hits[True][0] / wanted[0]:.3f} / {hits[True][1] / wanted[1]:.3f} |",
+            ]
 
         bulk = test[: args.bulk]
+        if not len(bulk):
+            print("\n| measure | value |\n|---|---|")
+            print(f"| cold start: open_index + first query | {cold:.2f} s |")
+            print(f"| ad-hoc query p50 / p99 ({args.queries} queries) | {np.percentile(lat, 50):.0f} / "
+                  f"{np.percentile(lat, 99):.0f} ms |")
+            print(f"| ad-hoc mean split: test gradient / search / exact re-rank | {parts[0]:.0f} / {parts[1]:.0f} / "
+                  f"{parts[2]:.0f} ms |")
+            print("\n".join(recall_rows))
+            return
         batch = index.bulk_batch_size(len(bulk), settings)
         t0 = time.perf_counter()
         index.score(bulk, settings)
@@ -119,6 +164,8 @@ def main() -> None:
     print(f"| cold start: open_index + first query | {cold:.2f} s |")
     print(f"| ad-hoc query p50 / p99 ({args.queries} queries) | {np.percentile(lat, 50):.0f} / {np.percentile(lat, 99):.0f} ms |")
     print(f"| ad-hoc mean split: test gradient / search / exact re-rank | {parts[0]:.0f} / {parts[1]:.0f} / {parts[2]:.0f} ms |")
+    if recall_rows:
+        print("\n".join(recall_rows))
     print(f"| bulk scoring, {n:,} test triples (batches of {batch:,}) | {t_bulk:.1f} s ({n / t_bulk:.1f} triples/s) |")
     print(f"| FAISS flat search alone, both ends, same batches | {t_faiss:.1f} s ({n / t_faiss:.1f} triples/s) |")
     print(f"| our scan alone, both ends, same batches | {t_scan:.1f} s ({n / t_scan:.1f} triples/s) |")

@@ -107,3 +107,23 @@ def test_query_values_are_exact_and_ranked(conve_inverse: Trained, tmp_path: Pat
             assert item.influence == pytest.approx(float(full[m, item.train_index]), rel=1e-5, abs=1e-9)
         h, r, t = index._labels(index.triples[res.proponents[0].train_index])
         assert (res.proponents[0].head, res.proponents[0].relation, res.proponents[0].tail) == (h, r, t)
+
+
+def test_reranked_queries_equal_with_and_without_the_activation_cache(conve_inverse: Trained, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tracin_index.cli import main
+
+    ckpts = [a for p, lr in conve_inverse.checkpoints for a in ("--checkpoint", str(p), "--lr", str(lr))]
+    for name, flag in (("cached", "--cache-activations"), ("plain", "--no-cache-activations")):
+        res = CliRunner().invoke(main, ["build", "--model", str(conve_inverse.directory), "--out", str(tmp_path / name),
+                                        "--dim", "256", flag, *ckpts])
+        assert res.exit_code == 0, res.output
+    cached, plain = open_index(tmp_path / "cached"), open_index(tmp_path / "plain")
+    assert "acts" in cached.store.group and cached._acts is not None
+    assert "acts" not in plain.store.group and plain._acts is None and plain.store.attrs["activation_cache"] is None
+    test = conve_inverse.testing[:6]
+    for a, b in zip(cached.query(test, k=10), plain.query(test, k=10), strict=True):
+        for xs, ys in ((a.proponents, b.proponents), (a.opponents, b.opponents)):
+            assert [x.train_index for x in xs] == [y.train_index for y in ys]
+            assert [x.influence for x in xs] == pytest.approx([y.influence for y in ys], rel=1e-5, abs=1e-9)

@@ -69,7 +69,7 @@ def test_coarse_stage_finds_the_full_top_k_and_returns_whole_row_products(scaled
     row_scale = rng.uniform(0.5, 2.0, (n, c)).astype(np.float32) if scaled else None
     allowed = rng.random((n, m)) < 0.7 if masked else np.ones((n, m), dtype=bool)
     mask = (lambda a, b: torch.from_numpy(allowed[a:b])) if masked else None
-    searcher = TorchSearcher(torch.from_numpy(rows), checkpoints=c, coarse=True)
+    searcher = TorchSearcher(torch.from_numpy(rows), checkpoints=c, coarse=True)  # search="coarse"
     assert searcher.takes_coarse(m, 10, 20) and not searcher.takes_coarse(COARSE_QUERIES + 1, 10, 20)
     weighted = rows if row_scale is None else (rows.reshape(n, c, k) * row_scale[:, :, None]).reshape(n, -1)
     ts, ti, bs, bi = searcher.search(q, 10, 20, row_scale=row_scale, mask=mask)

@@ -161,6 +161,9 @@ def main() -> None:
               help="Rows per write unit (the unit a killed build resumes from).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
               help="Stored rows (default float16 for projections, float32 for --projection none).")
+@click.option("--cache-activations/--no-cache-activations", default=True, show_default=True,
+              help="Store the first tracked Linear's outputs (ConvE: 1,600 bytes per triple) so the exact re-rank "
+                   "skips that layer.")
 @click.option("--force", is_flag=True, help="Rebuild even when the published build has the same inputs and settings.")
 @click.option("--prepare", is_flag=True,
               help="Distributed builds, step 1 (once): create the build and its attributes, compute nothing.")
@@ -178,7 +181,8 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
           triples: Path | None, entity_to_id: Path | None, relation_to_id: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: StorePath, layers: str,
           loss: str, projection: str, dim: int, seed: int, batch_size: int, device: str, sample_rate: float,
-          stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, force: bool, prepare: bool,
+          stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, cache_activations: bool, force: bool,
+          prepare: bool,
           shard: str | None, executor: str, ray_address: str | None, workers: int | None, gpus_per_worker: float,
           shards: int | None, threads: int | None) -> None:
     """Index the gradients of every training triple of MODEL into the index directory OUT.
@@ -198,7 +202,8 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
     started = time.perf_counter()
     config = BuildConfig(layers=layers, loss=loss, projection=ProjectionSpec(projection, dim, seed),
                          batch_size=batch_size, device=device, sample_rate=sample_rate, stratify=stratify,
-                         sample_seed=sample_seed, unit_rows=unit_rows, dtype=dtype)
+                         sample_seed=sample_seed, unit_rows=unit_rows, dtype=dtype,
+                         cache_activations=cache_activations)
     config.check()
     modes = [name for name, on in (("--prepare", prepare), ("--shard", shard is not None),
                                    ("--executor ray", executor == "ray")) if on]
@@ -308,8 +313,9 @@ def _index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--layers", default=None, help="Refuse unless the index tracks these layers."),
         click.option("--loss", default=None, help="Refuse unless the index used this loss."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda (test gradients and re-rank)."),
-        click.option("--search", "search", type=click.Choice(["auto", "faiss", "torch", "stream"]), default="auto",
-                     show_default=True, help="Candidate search: stream reads the store block by block (larger than RAM)."),
+        click.option("--search", "search", type=click.Choice(["auto", "faiss", "torch", "coarse", "stream"]), default="auto",
+                     show_default=True, help="Candidate search: stream reads the store block by block (larger than RAM); "
+                     "coarse: ad-hoc queries scan a quarter of the columns first (faster, lower opponent recall)."),
         click.option("--memory", default=None, metavar="SIZE",
                      help="Memory the search may hold, e.g. 512MB or 4GB (auto streams when the index would not fit)."),
     ]

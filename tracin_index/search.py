@@ -15,7 +15,8 @@ Engines over the same rows, all exact over the projected rows:
 :func:`make_searcher` picks the backend: the scan over rows held in memory (float32 on the CPU,
 float16 on a GPU, products in float32), FAISS's GPU index when faiss-gpu and a GPU are there. When the
 float32 rows would not fit (in ``memory`` bytes if given, else half the available RAM), ``auto``
-streams from the store.
+streams from the store. ``coarse`` is the scan with a two-stage search for ad-hoc queries
+(:func:`coarse_scan`): faster, at some opponent recall.
 """
 
 from __future__ import annotations
@@ -262,9 +263,11 @@ class FaissSearcher(Searcher):
 class TorchSearcher(Searcher):
     """The blocked scan over rows held on a torch device (a GPU without faiss-gpu).
 
-    With ``coarse`` (what ``search="auto"`` gives on the CPU), a search of at most ``COARSE_QUERIES``
-    queries over a table with at least ``COARSE_MIN_ROWS`` rows per kept candidate goes through
-    :func:`coarse_scan`; everything else (bulk batches, small indexes, ``search="torch"``) is the full scan.
+    With ``coarse`` (``search="coarse"``), a search of at most ``COARSE_QUERIES`` queries over a table
+    with at least ``COARSE_MIN_ROWS`` rows per kept candidate goes through :func:`coarse_scan`;
+    everything else (bulk batches, small indexes, the default) is the full scan. Not the default: at
+    272k rows it cut the ad-hoc search from 51 to 28 ms but the top-10 recall from 1.000 / 0.887 to
+    0.990 / 0.833 (proponents / opponents, ``benchmarks/RESULTS.md``).
     """
 
     backend = "torch"
@@ -344,21 +347,22 @@ class StreamSearcher(Searcher):
 
 
 def make_searcher(store: Store, device: torch.device, backend: str = "auto", memory: int | None = None) -> Searcher:
-    """The search backend for ``device``: ``auto`` (see the module docstring), ``faiss``, ``torch`` or ``stream``."""
-    if backend not in ("auto", "faiss", "torch", "stream"):
-        raise InputError(f"--search {backend!r} is unknown; choose auto, faiss, torch or stream")
+    """The search backend for ``device``: ``auto`` (see the module docstring), ``faiss``, ``torch``, ``coarse``
+    (the torch scan with :func:`coarse_scan` for ad-hoc queries) or ``stream``."""
+    if backend not in ("auto", "faiss", "torch", "coarse", "stream"):
+        raise InputError(f"--search {backend!r} is unknown; choose auto, faiss, torch, coarse or stream")
     if backend == "stream" or (backend == "auto" and not _fits_in_memory(store, memory)):
         return StreamSearcher(store, memory or 256 * 2**20, device)
     on_gpu = device.type == "cuda"
     faiss_gpu = on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if backend == "torch" or (backend == "auto" and not faiss_gpu):
+    if backend in ("torch", "coarse") or (backend == "auto" and not faiss_gpu):
         width = int(store.attrs["width"])
         dtype = torch.float16 if on_gpu else torch.float32  # CPUs without fp16 GEMM: float32, as FAISS holds them
         table = torch.empty((store.num_rows, width), dtype=dtype, device=device)
         for start, block in store.iter_rows():
             table[start : start + len(block)] = torch.from_numpy(block).to(device=device, dtype=dtype)
         checkpoints = len(store.attrs["checkpoints"])
-        return TorchSearcher(table, checkpoints, coarse=backend == "auto" and not on_gpu)
+        return TorchSearcher(table, checkpoints, coarse=backend == "coarse")
     index = build_flat_index(store)
     rows = flat_rows(index)
     if faiss_gpu:  # pragma: no cover - needs faiss-gpu and a GPU
