@@ -248,7 +248,10 @@ class TracinIndex:
             return None
         if self.num_rows * int(cache["width"]) * 4 > available_memory() // 4:
             return None
-        return str(cache["module"]), torch.from_numpy(self.store.read("acts"))
+        acts = torch.empty((self.num_rows, int(cache["width"])))
+        for start, block in self.store.iter_rows(name="acts"):  # 64 MiB blocks: Zarr's decoding stays small
+            acts[start : start + len(block)] = torch.from_numpy(block)
+        return str(cache["module"]), acts
 
     @property
     def num_rows(self) -> int:

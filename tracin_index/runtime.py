@@ -23,10 +23,10 @@ def tune_allocator() -> bool:
     glibc serves every allocation above 32 MiB with a fresh ``mmap`` and unmaps it on free, so each large
     activation (ConvE's 2048 x 32 x 18 x 18 feature maps are 85 MB) is page-faulted in again, every batch:
     measured on 2 cores, conv + BatchNorm + ReLU over 2048 rows took 136 ms that way and 31 ms with the
-    heap kept, and a 20k-triple build went from 3,376 to 5,653 triples/s (``benchmarks/RESULTS.md``).
+    heap kept, and a 20k-triple build went from 3,376 to 6,130 triples/s (``benchmarks/RESULTS.md``).
     Here mmap is off (large blocks come from the heap), up to 1 GiB of free heap top is kept, and
     64 MiB of padding is taken per heap growth (``tests/test_runtime.py`` counts the page faults). The
-    price is resident memory that is free but kept: the same build's peak RSS went from 889 to 1,183 MB.
+    price is resident memory that is free but kept: the same build's peak RSS went from 889 to 1,062 MB.
     Set ``TRACIN_INDEX_MALLOC=system`` to leave the allocator alone. Returns whether it was tuned.
     """
     global _tuned

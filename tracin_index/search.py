@@ -216,14 +216,14 @@ def coarse_scan(
     q_coarse = np.ascontiguousarray(q.reshape(m, checkpoints, k)[:, :, :kc].reshape(m, -1))
     _, top_ids, _, bottom_ids = scan(coarse, q_coarse, nt, nb, row_scale=row_scale, mask=mask)
     qt = torch.from_numpy(q).to(rows.device)
+    scale = None if row_scale is None else torch.from_numpy(np.ascontiguousarray(row_scale, dtype=np.float32))
     out: list[np.ndarray] = []
     for ids, want, sign in ((top_ids, n_top, 1.0), (bottom_ids, n_bottom, -1.0)):
         idx = torch.from_numpy(ids).to(rows.device)
         cand = rows[idx.clamp(min=0)].to(torch.float32)  # (M, n, W)
         prods = (cand.reshape(m, -1, checkpoints, k) * qt.reshape(m, 1, checkpoints, k)).sum(-1)  # (M, n, C)
-        if row_scale is not None:
-            w = torch.from_numpy(np.ascontiguousarray(row_scale, dtype=np.float32)).to(rows.device)[idx.clamp(min=0)]
-            prods = prods * w
+        if scale is not None:
+            prods = prods * scale[torch.from_numpy(ids).clamp(min=0)].to(rows.device)  # only the candidates' rows move
         scores = prods.sum(-1) * sign
         scores = scores.masked_fill(idx < 0, -torch.inf)
         best = torch.topk(scores, min(want, scores.shape[1]), dim=1)

@@ -205,18 +205,20 @@ class Store:
                 ) from None
         raise StoreError(f"{self.path}: array {name!r} rows {start}-{stop - 1} could not be read; rebuild it")
 
-    def iter_rows(self, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Stored rows as float32 blocks ``(start, (b, width))``, whole chunks at a time, checksums checked.
+    def iter_rows(self, block_rows: int | None = None, name: str = "grads") -> Iterator[tuple[int, np.ndarray]]:
+        """Rows of a per-row array (the stored gradients by default) as float32 blocks ``(start, (b, width))``,
+        whole chunks at a time, checksums checked.
 
         Default block: whole chunks up to 64 MiB of float32 rows (memory flat in N, and small: a fixed
         65,536-row block cost 400 MB at k=1024 while Zarr decoded it).
         """
         size = int(self.attrs["unit_rows"])
         if block_rows is None:
-            block_rows = (64 * 2**20) // (4 * max(1, int(self.attrs["width"])))
+            width = int(np.prod(self.array(name).shape[1:], dtype=np.int64))
+            block_rows = (64 * 2**20) // (4 * max(1, width))
         block = max(size, block_rows // size * size)
         for start in range(0, self.num_rows, block):
-            yield start, self.read("grads", start, min(self.num_rows, start + block)).astype(np.float32)
+            yield start, self.read(name, start, min(self.num_rows, start + block)).astype(np.float32)
 
     def labels(self) -> tuple[list[str], list[str]]:
         return ([str(x) for x in self.read("entity_labels")], [str(x) for x in self.read("relation_labels")])

@@ -91,13 +91,17 @@ class Tracer:
             self.model.eval()
             self._loaded = c
 
-    def gradients(self, triples: torch.Tensor, c: int) -> list[GradBlock]:
-        """Blocks of checkpoint ``c`` for raw-id triples ``(B, 3) int64``; the first call checks coverage."""
+    def gradients(self, triples: torch.Tensor, c: int, outputs: dict[str, torch.Tensor] | None = None) -> list[GradBlock]:
+        """Blocks of checkpoint ``c`` for raw-id triples ``(B, 3) int64``; the first call checks coverage
+        (and finds the cache module). ``outputs``: the cache module's stored outputs, as
+        ``GradientComputer.__call__`` takes them; ignored by the checking call and for any other module."""
         self.use_checkpoint(c)
         if not self._checked:
             self._checked = True
             return self.computer.checked(triples)
-        return self.computer(triples)
+        if outputs is not None and set(outputs) != {self.computer.cache_module}:
+            outputs = None
+        return self.computer(triples, outputs)
 
     def activation_cache(self, probe: torch.Tensor) -> dict[str, Any] | None:
         """The layer whose outputs a build can store for the re-rank (see ``GradientComputer.cache_module``):
@@ -192,13 +196,12 @@ class Tracer:
 
     def _train_gradients(self, train: torch.Tensor, c: int, start: int,
                          acts: tuple[str, torch.Tensor] | None) -> list[GradBlock]:
-        if acts is None or not self._checked or self.computer.cache_module != acts[0]:
+        if acts is None:
             return self.gradients(train, c)
-        self.use_checkpoint(c)
         name, table = acts
         b, out_f = train.shape[0], int(self.computer.modules[name].out_features)
         mine = table[start : start + b].reshape(b, len(self.checkpoints), -1, out_f)[:, c]  # (b, R, out)
-        return self.computer(train, outputs={name: mine.transpose(0, 1).reshape(-1, out_f)})  # row r * b + j
+        return self.gradients(train, c, {name: mine.transpose(0, 1).reshape(-1, out_f)})  # row r * b + j
 
     def exact_pairs(
         self,
