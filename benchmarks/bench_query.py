@@ -42,9 +42,9 @@ def main() -> None:
     parser.add_argument("--bulk", type=int, default=20466)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--index", type=Path, default=None, help="keep (and reuse) the built index here")
-    parser.add_argument("--search", default="auto", help="the search backend (auto, torch, coarse, faiss, stream)")
+    parser.add_argument("--search", default="auto", help="the search backend (auto, torch, full, faiss, stream)")
     parser.add_argument("--recall", action="store_true",
-                        help="also: the coarse stage against the full scan and both against brute force, per ad-hoc query")
+                        help="also: the int8 prefilter against the full scan and both against brute force, per ad-hoc query")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (build, test gradients, search and re-rank there)")
     args = parser.parse_args()
     logging.getLogger("pykeen").setLevel(logging.ERROR)
@@ -94,10 +94,11 @@ def main() -> None:
         if args.recall and isinstance(index.searcher, TorchSearcher) and args.device == "cpu":
             probe = test[: args.queries]
             runs = {}
-            for coarse in (True, False):
-                index.searcher.coarse = coarse
-                runs[coarse] = [index.query(probe[i : i + 1], k=10)[0] for i in range(len(probe))]
-            index.searcher.coarse = args.search == "coarse"
+            prefilter = index.searcher.prefilter
+            for pre in (True, False):
+                index.searcher.prefilter = pre
+                runs[pre] = [index.query(probe[i : i + 1], k=10)[0] for i in range(len(probe))]
+            index.searcher.prefilter = prefilter
             t0 = time.perf_counter()
             exact = index.exact_influence(probe)  # (Q, N): brute force over every row
             t_exact = time.perf_counter() - t0
@@ -116,11 +117,11 @@ def main() -> None:
                     hits[c] += [len(top & set(ends[c][0])), len(bottom & set(ends[c][1]))]
             nq = len(probe)
             recall_rows = [
-                f"| coarse stage vs full scan: identical top-10 lists, proponents / opponents ({nq} queries) | "
+                f"| int8 prefilter vs full scan: identical top-10 lists, proponents / opponents ({nq} queries) | "
                 f"{same[0] / nq:.3f} / {same[1] / nq:.3f} |",
-                f"| recall@10 against brute force (exact over all rows, {t_exact:.0f} s), full scan (default): pro / opp | "
+                f"| recall@10 against brute force (exact over all rows, {t_exact:.0f} s), full scan (--search full): pro / opp | "
                 f"{hits[False][0] / wanted[0]:.3f} / {hits[False][1] / wanted[1]:.3f} |",
-                f"| recall@10 against brute force, coarse stage (--search coarse): pro / opp | "
+                f"| recall@10 against brute force, int8 prefilter (default): pro / opp | "
                 f"{hits[True][0] / wanted[0]:.3f} / {hits[True][1] / wanted[1]:.3f} |",
             ]
 

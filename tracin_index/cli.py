@@ -313,9 +313,9 @@ def _index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--layers", default=None, help="Refuse unless the index tracks these layers."),
         click.option("--loss", default=None, help="Refuse unless the index used this loss."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda (test gradients and re-rank)."),
-        click.option("--search", "search", type=click.Choice(["auto", "faiss", "torch", "coarse", "stream"]), default="auto",
+        click.option("--search", "search", type=click.Choice(["auto", "torch", "full", "faiss", "stream"]), default="auto",
                      show_default=True, help="Candidate search: stream reads the store block by block (larger than RAM); "
-                     "coarse: ad-hoc queries scan a quarter of the columns first (faster, lower opponent recall)."),
+                     "full: every query scans all float32 rows (no int8 prefilter for ad-hoc queries)."),
         click.option("--memory", default=None, metavar="SIZE",
                      help="Memory the search may hold, e.g. 512MB or 4GB (auto streams when the index would not fit)."),
     ]

@@ -640,8 +640,9 @@ def open_index(
     ``layers``, ``loss`` and ``projection``, when given, must equal the store's; the model's and the
     checkpoints' fingerprints must equal the recorded ones. ``search``: the candidate-search backend,
     ``auto`` (the torch blocked scan where the model runs, or faiss-gpu's index on a GPU when it is
-    installed; a stream from the store when the rows do not fit in memory), ``faiss``, ``torch``, ``coarse`` (the scan;
-    ad-hoc queries scan a quarter of the columns first: faster, lower opponent recall) or ``stream`` (exact, one block
+    installed; a stream from the store when the rows do not fit in memory), ``torch`` (the scan; on the CPU, ad-hoc
+    queries go through an int8 copy of the rows first), ``full`` (the scan without that prefilter), ``faiss`` or
+    ``stream`` (exact, one block
     of at most ``memory`` bytes in RAM at a time: stores larger than memory). ``memory``: the bytes the
     search may hold (default: the in-memory index if it fits in half the available RAM, else 256 MiB blocks).
     """

@@ -1,22 +1,25 @@
 """Stage 5: inner-product search over the stored rows.
 
-Engines over the same rows, all exact over the projected rows:
+Engines over the same rows:
 
 - a blocked scan (torch matmul + top-k per block, merged), the default: :func:`scan`. One product per
   block serves both ends (proponents from the top, opponents from the bottom), and it takes per-row
   weights (the cosine mode) and per-query masks (candidate filters applied before the top-K cut).
-  Memory is ``block_rows x query_chunk`` scores at a time, never ``N x M``;
+  Memory is ``block_rows x query_chunk`` scores at a time, never ``N x M``. On the CPU a few queries
+  (an ad-hoc query) first go through an int8 copy of the rows, then the float32 rows of 4x the asked
+  candidates (:func:`prefilter_scan`): a third of the bytes per query, and in 200 measured queries at
+  272k rows the same candidates as the full scan;
 - FAISS ``IndexFlatIP`` (``search="faiss"``; faiss-gpu's index on a GPU when it is installed): :func:`search`.
   It searches twice (``q`` and ``-q``) and its top-k over hundreds of candidates is slow: at 272k rows
   x 1024 the scan is 4.5x faster for one query and 12x for a batch of 64 (``benchmarks/RESULTS.md``);
 - the same scan streamed from the store, block by block (:class:`StreamSearcher`), for stores larger
   than memory: exact, one read of the store per search (batch the queries: bulk scoring does).
 
-:func:`make_searcher` picks the backend: the scan over rows held in memory (float32 on the CPU,
-float16 on a GPU, products in float32), FAISS's GPU index when faiss-gpu and a GPU are there. When the
-float32 rows would not fit (in ``memory`` bytes if given, else half the available RAM), ``auto``
-streams from the store. ``coarse`` is the scan with a two-stage search for ad-hoc queries
-(:func:`coarse_scan`): faster, at some opponent recall.
+:func:`make_searcher` picks the backend: the scan over rows held in memory (float32 and int8 codes on
+the CPU, float16 on a GPU, products in float32), FAISS's GPU index when faiss-gpu and a GPU are
+there. When the rows would not fit (in ``memory`` bytes if given, else half the available RAM),
+``auto`` streams from the store. ``full`` is the scan without the int8 prefilter: every query reads
+every float32 row.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ import torch
 from .errors import InputError
 from .store import Store
 
-__all__ = ["FaissSearcher", "Searcher", "StreamSearcher", "TorchSearcher", "build_flat_index", "coarse_scan", "flat_rows",
-           "available_memory", "make_searcher", "scan", "scan_blocks", "search"]
+__all__ = ["BACKENDS", "FaissSearcher", "Searcher", "StreamSearcher", "TorchSearcher", "available_memory",
+           "build_flat_index", "flat_rows", "make_searcher", "prefilter_scan", "quantize_rows", "scan", "scan_blocks",
+           "search"]
 
 Mask = Callable[[int, int], torch.Tensor | None]
+BACKENDS = ("auto", "torch", "full", "faiss", "stream")
 SCORE_COPIES = 3  # float32 copies of a block's scores alive at once in scan_blocks (scores, signed, masked)
 
 
@@ -181,15 +186,24 @@ def scan_blocks(
     return out[0], out[1], out[2], out[3]
 
 
-COARSE_QUERIES = 16  # at most this many queries take the coarse stage; more make the scan compute-bound
-COARSE_SHARE = 4  # the coarse stage reads the first 1/4 of each checkpoint's columns
-COARSE_FACTOR = 4  # and keeps 4x the asked candidates of each end for the refine over whole rows
-COARSE_MIN_ROWS = 16  # rows per kept candidate below which the full scan costs about the same
+PREFILTER_QUERIES = 16  # at most this many queries take the int8 prefilter (faster than float32 up to here)
+PREFILTER_FACTOR = 2  # the int8 stage keeps 2x the asked candidates of each end for the float32 refine
+PREFILTER_MIN_ROWS = 16  # rows per kept candidate below which the full scan costs about the same
+INT8_MAX_WIDTH = (2**31 - 1) // (127 * 127)  # int32 products of int8 codes cannot overflow up to this width
 
 
-def coarse_scan(
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 codes ``(N, W)`` and scales ``(N,) float32``: ``rows ~ codes * scale[:, None]``."""
+    x = rows.to(torch.float32)
+    scale = x.abs().amax(1) / 127
+    inv = torch.where(scale > 0, 1.0 / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def prefilter_scan(
     rows: torch.Tensor,
-    coarse: torch.Tensor,
+    codes: torch.Tensor,
+    code_scale: torch.Tensor,
     queries: np.ndarray,
     n_top: int,
     n_bottom: int,
@@ -198,38 +212,46 @@ def coarse_scan(
     row_scale: np.ndarray | None = None,
     mask: Mask | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Two-stage :func:`scan` for a few queries: a coarse scan of ``coarse`` (the first columns of each
-    checkpoint's block of ``rows``), then the full rows of its ``COARSE_FACTOR`` x more candidates per end.
+    """Two-stage :func:`scan` for a few queries: int8 products over ``codes`` (:func:`quantize_rows` of
+    ``rows``), then the float32 rows of its ``PREFILTER_FACTOR`` x more candidates per end.
 
-    A single query reads the whole table once, so its scan is memory-bound (about 45 ms for 272k x 1024
-    float32 on 2 cores); the prefix of each checkpoint's block is itself a sketch of the same gradients
-    (a CountSketch or Gaussian projection restricted to some of its outputs), an unbiased estimate of
-    the same product from a quarter of the bytes. The returned scores are the whole rows' products,
-    as :func:`scan` gives them; what can differ is a row of the full top-K that the coarse stage
-    ranked below its ``COARSE_FACTOR`` x cut (measured in ``benchmarks/RESULTS.md``).
+    A few queries read the whole table once, so their scan is memory-bound: 45 ms for 272k x 1024
+    float32 rows on 2 cores, 15 ms for the same rows as int8 codes (``torch._int_mm``: exact int32
+    sums, the same on every CPU). The int8 products are estimates of the float32 ones (both sides
+    rounded to 8 bits); the refine recomputes the kept candidates' products from the float32 rows, so
+    the returned scores are :func:`scan`'s, and what can differ is a row of the full top-K that the
+    int8 stage ranked below its ``PREFILTER_FACTOR`` x cut (measured in ``benchmarks/RESULTS.md``:
+    none in 200 queries at 272k rows). ``row_scale`` needs one checkpoint (one weight per row).
     """
-    nt, nb = n_top * COARSE_FACTOR, n_bottom * COARSE_FACTOR
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    m, width = q.shape
-    k = width // checkpoints
-    kc = coarse.shape[1] // checkpoints
-    q_coarse = np.ascontiguousarray(q.reshape(m, checkpoints, k)[:, :, :kc].reshape(m, -1))
-    _, top_ids, _, bottom_ids = scan(coarse, q_coarse, nt, nb, row_scale=row_scale, mask=mask)
-    qt = torch.from_numpy(q).to(rows.device)
+    assert row_scale is None or checkpoints == 1, "a per-checkpoint row scale needs the full scan"
+    n = rows.shape[0]
+    nt, nb = min(n, n_top * PREFILTER_FACTOR), min(n, n_bottom * PREFILTER_FACTOR)
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    q_codes, q_scale = quantize_rows(q)
+    approx = torch._int_mm(q_codes, codes.T).to(torch.float32)  # (M, N), exact int32 sums
+    approx *= code_scale[None, :]
+    approx *= q_scale[:, None]
+    if row_scale is not None:
+        approx *= torch.from_numpy(np.ascontiguousarray(row_scale[:, 0], dtype=np.float32))[None, :]
+    allowed = mask(0, n) if mask is not None else None
     scale = None if row_scale is None else torch.from_numpy(np.ascontiguousarray(row_scale, dtype=np.float32))
     out: list[np.ndarray] = []
-    for ids, want, sign in ((top_ids, n_top, 1.0), (bottom_ids, n_bottom, -1.0)):
-        idx = torch.from_numpy(ids).to(rows.device)
-        cand = rows[idx.clamp(min=0)].to(torch.float32)  # (M, n, W)
-        prods = (cand.reshape(m, -1, checkpoints, k) * qt.reshape(m, 1, checkpoints, k)).sum(-1)  # (M, n, C)
+    for kept, want, sign in ((nt, n_top, 1.0), (nb, n_bottom, -1.0)):
+        s = approx * sign
+        if allowed is not None:
+            s.masked_fill_(~(allowed.T if allowed.dim() == 2 else allowed[None, :]), -torch.inf)
+        pick = torch.topk(s, kept, dim=1)
+        idx = pick.indices.masked_fill(~torch.isfinite(pick.values), -1)  # a masked row is a missing place
+        del s
+        cand = rows[idx.clamp(min=0)].to(torch.float32)  # (M, kept, W): the candidates' float32 rows
+        prods = torch.bmm(cand, q[:, :, None])[:, :, 0]  # the same products scan() takes, row by row
         if scale is not None:
-            prods = prods * scale[torch.from_numpy(ids).clamp(min=0)].to(rows.device)  # only the candidates' rows move
-        scores = prods.sum(-1) * sign
-        scores = scores.masked_fill(idx < 0, -torch.inf)
-        best = torch.topk(scores, min(want, scores.shape[1]), dim=1)
+            prods = prods * scale[idx.clamp(min=0), 0]
+        scores = (prods * sign).masked_fill(idx < 0, -torch.inf)
+        best = torch.topk(scores, min(want, kept), dim=1)
         best_ids = torch.gather(idx, 1, best.indices)
         best_ids[~torch.isfinite(best.values)] = -1
-        out += [(best.values * sign).cpu().numpy().astype(np.float32), best_ids.cpu().numpy().astype(np.int64)]
+        out += [(best.values * sign).numpy().astype(np.float32), best_ids.numpy().astype(np.int64)]
     return out[0], out[1], out[2], out[3]
 
 
@@ -263,38 +285,42 @@ class FaissSearcher(Searcher):
 class TorchSearcher(Searcher):
     """The blocked scan over rows held on a torch device (a GPU without faiss-gpu).
 
-    With ``coarse`` (``search="coarse"``), a search of at most ``COARSE_QUERIES`` queries over a table
-    with at least ``COARSE_MIN_ROWS`` rows per kept candidate goes through :func:`coarse_scan`;
-    everything else (bulk batches, small indexes, the default) is the full scan. Not the default: at
-    272k rows it cut the ad-hoc search from 51 to 28 ms but the top-10 recall from 1.000 / 0.887 to
-    0.990 / 0.833 (proponents / opponents, ``benchmarks/RESULTS.md``).
+    With ``prefilter`` (the default on the CPU), a search of at most ``PREFILTER_QUERIES`` queries over a
+    table with at least ``PREFILTER_MIN_ROWS`` rows per kept candidate goes through :func:`prefilter_scan`
+    over int8 codes of the rows (built here, ``N x W`` bytes); everything else (bulk batches, small
+    indexes, a per-checkpoint row scale, ``search="full"``) is the full float32 scan.
     """
 
     backend = "torch"
 
-    def __init__(self, rows: torch.Tensor, checkpoints: int = 1, coarse: bool = False) -> None:
+    def __init__(self, rows: torch.Tensor, checkpoints: int = 1, prefilter: bool = False,
+                 codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.rows, self.width, self.checkpoints = rows, int(rows.shape[1]), checkpoints
         self.backend = f"torch-{rows.device.type}"
-        self.coarse = coarse and self.width // checkpoints >= 4 * COARSE_SHARE
-        self._prefix: torch.Tensor | None = None
+        self.prefilter = prefilter and rows.device.type == "cpu" and self.width <= INT8_MAX_WIDTH
+        self._codes = codes if self.prefilter else None
 
-    def coarse_table(self) -> torch.Tensor:
-        """The first ``1/COARSE_SHARE`` of each checkpoint's columns: a view for one checkpoint, else a copy."""
-        if self._prefix is None:
-            n, c = self.rows.shape[0], self.checkpoints
-            kc = self.width // c // COARSE_SHARE
-            self._prefix = self.rows[:, :kc] if c == 1 else self.rows.reshape(n, c, -1)[:, :, :kc].reshape(n, c * kc)
-        return self._prefix
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 codes of the rows and their per-row scales (:func:`quantize_rows`), made once."""
+        if self._codes is None:
+            codes = torch.empty(self.rows.shape, dtype=torch.int8)
+            scale = torch.empty(self.rows.shape[0])
+            for start in range(0, self.rows.shape[0], 32768):
+                codes[start : start + 32768], scale[start : start + 32768] = quantize_rows(self.rows[start : start + 32768])
+            self._codes = codes, scale
+        return self._codes
 
-    def takes_coarse(self, m: int, n_top: int, n_bottom: int) -> bool:
-        kept = COARSE_FACTOR * (n_top + n_bottom)
-        return self.coarse and m <= COARSE_QUERIES and self.rows.shape[0] >= COARSE_MIN_ROWS * max(1, kept)
+    def takes_prefilter(self, m: int, n_top: int, n_bottom: int, row_scale: np.ndarray | None = None) -> bool:
+        kept = PREFILTER_FACTOR * (n_top + n_bottom)
+        return (self.prefilter and m <= PREFILTER_QUERIES and self.rows.shape[0] >= PREFILTER_MIN_ROWS * max(1, kept)
+                and (row_scale is None or self.checkpoints == 1))
 
     def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
                mask: Mask | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        if self.takes_coarse(len(q), n_top, n_bottom):
-            return coarse_scan(self.rows, self.coarse_table(), q, n_top, n_bottom, self.checkpoints,
-                               row_scale=row_scale, mask=mask)
+        if self.takes_prefilter(len(q), n_top, n_bottom, row_scale):
+            codes, code_scale = self.codes()
+            return prefilter_scan(self.rows, codes, code_scale, q, n_top, n_bottom, self.checkpoints,
+                                  row_scale=row_scale, mask=mask)
         return scan(self.rows, q, n_top, n_bottom, row_scale=row_scale, mask=mask)
 
 
@@ -310,9 +336,10 @@ def available_memory() -> int:
     return 1 << 62  # unknown: assume it fits
 
 
-def _fits_in_memory(store: Store, memory: int | None) -> bool:
-    """Whether the in-memory float32 index fits: within ``memory`` if given, else half the available RAM."""
-    need = store.num_rows * int(store.attrs["width"]) * 4
+def _fits_in_memory(store: Store, memory: int | None, codes: bool = False) -> bool:
+    """Whether the in-memory float32 index (and its int8 codes) fits: within ``memory`` if given, else half
+    the available RAM."""
+    need = store.num_rows * int(store.attrs["width"]) * (5 if codes else 4)
     return need <= (memory if memory is not None else available_memory() // 2)
 
 
@@ -347,22 +374,30 @@ class StreamSearcher(Searcher):
 
 
 def make_searcher(store: Store, device: torch.device, backend: str = "auto", memory: int | None = None) -> Searcher:
-    """The search backend for ``device``: ``auto`` (see the module docstring), ``faiss``, ``torch``, ``coarse``
-    (the torch scan with :func:`coarse_scan` for ad-hoc queries) or ``stream``."""
-    if backend not in ("auto", "faiss", "torch", "coarse", "stream"):
-        raise InputError(f"--search {backend!r} is unknown; choose auto, faiss, torch, coarse or stream")
-    if backend == "stream" or (backend == "auto" and not _fits_in_memory(store, memory)):
-        return StreamSearcher(store, memory or 256 * 2**20, device)
+    """The search backend for ``device``: ``auto`` (see the module docstring), ``torch`` (the scan, with the int8
+    prefilter for ad-hoc queries on the CPU), ``full`` (the scan without it), ``faiss`` or ``stream``."""
+    if backend not in BACKENDS:
+        raise InputError(f"--search {backend!r} is unknown; choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     on_gpu = device.type == "cuda"
+    prefilter = backend in ("auto", "torch") and not on_gpu
+    if backend == "stream" or (backend == "auto" and not _fits_in_memory(store, memory, prefilter)):
+        return StreamSearcher(store, memory or 256 * 2**20, device)
     faiss_gpu = on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if backend in ("torch", "coarse") or (backend == "auto" and not faiss_gpu):
+    if backend in ("torch", "full") or (backend == "auto" and not faiss_gpu):
         width = int(store.attrs["width"])
         dtype = torch.float16 if on_gpu else torch.float32  # CPUs without fp16 GEMM: float32, as FAISS holds them
         table = torch.empty((store.num_rows, width), dtype=dtype, device=device)
+        prefilter = prefilter and width <= INT8_MAX_WIDTH
+        codes = torch.empty((store.num_rows, width), dtype=torch.int8) if prefilter else None
+        code_scale = torch.empty(store.num_rows) if prefilter else None
         for start, block in store.iter_rows():
-            table[start : start + len(block)] = torch.from_numpy(block).to(device=device, dtype=dtype)
+            part = torch.from_numpy(block).to(device=device, dtype=dtype)
+            table[start : start + len(block)] = part
+            if codes is not None and code_scale is not None:  # quantised while the block is in cache
+                codes[start : start + len(block)], code_scale[start : start + len(block)] = quantize_rows(part)
         checkpoints = len(store.attrs["checkpoints"])
-        return TorchSearcher(table, checkpoints, coarse=backend == "coarse")
+        return TorchSearcher(table, checkpoints, prefilter=prefilter,
+                             codes=None if codes is None or code_scale is None else (codes, code_scale))
     index = build_flat_index(store)
     rows = flat_rows(index)
     if faiss_gpu:  # pragma: no cover - needs faiss-gpu and a GPU
