@@ -84,6 +84,13 @@ def test_exact_mode_equals_autograd_loop(fixture: str, layers: str, loss: str, r
     finally:
         torch.nn.Linear.forward = original  # type: ignore[method-assign]
     assert torch.allclose(got, expected[pair_test, pair_train], rtol=1e-4, atol=1e-4 * scale)
+    # with the stored outputs, the encoder may hand the Linear's input over in oneDNN's channels-last order
+    # (the test rows permuted to match); values as above
+    reordered = set(index.tracer.computer.v_order)
+    assert reordered == ({"interaction.hr1d.0"} if cacheable and torch.backends.mkldnn.is_available() else set())
+    # ConvE's encoder runs folded (BatchNorms into the convolution) exactly when no tracked layer precedes it
+    folded = fixture.startswith("conve") and layers == "last:2"
+    assert set(index.tracer.computer.folded) == ({"interaction.hr2d"} if folded else set())
     cached = dict(index.tracer.model.named_modules()).get("interaction.hr1d.0")
     if cached is not None:  # ConvE: the stored outputs stand in for the layer's matmul exactly when cached
         assert any(m is cached for m in linear_calls) == (not cacheable)

@@ -16,12 +16,24 @@ from typing import Any
 import torch
 
 from .errors import InputError
-from .gradients import GradBlock, GradientComputer, TrackedParam, concat, describe_parameters, inner, inner_pairs, sq_norms
+from .gradients import (
+    GradBlock,
+    GradientComputer,
+    OuterGrad,
+    TrackedParam,
+    concat,
+    describe_parameters,
+    inner,
+    inner_pairs,
+    sq_norms,
+)
 from .losses import get_loss
 from .model import Checkpoint, ModelBundle
 from .projection import DEFAULT_MEMORY, ProjectionSpec, make_projector
 
 __all__ = ["Rows", "Tracer"]
+
+ANY_LAYOUT_FLOATS = 1 << 24  # test v columns (64 MiB) up to which exact_pairs permutes them for the candidates' order
 
 
 @dataclass
@@ -91,17 +103,19 @@ class Tracer:
             self.model.eval()
             self._loaded = c
 
-    def gradients(self, triples: torch.Tensor, c: int, outputs: dict[str, torch.Tensor] | None = None) -> list[GradBlock]:
+    def gradients(self, triples: torch.Tensor, c: int, outputs: dict[str, torch.Tensor] | None = None,
+                  any_layout: bool = False) -> list[GradBlock]:
         """Blocks of checkpoint ``c`` for raw-id triples ``(B, 3) int64``; the first call checks coverage
-        (and finds the cache module). ``outputs``: the cache module's stored outputs, as
-        ``GradientComputer.__call__`` takes them; ignored by the checking call and for any other module."""
+        (and finds the cache module). ``outputs`` and ``any_layout``: as ``GradientComputer.__call__``
+        takes them; ignored by the checking call, and ``outputs`` for any other module."""
         self.use_checkpoint(c)
+        self.computer.v_order = {}
         if not self._checked:
             self._checked = True
             return self.computer.checked(triples)
         if outputs is not None and set(outputs) != {self.computer.cache_module}:
             outputs = None
-        return self.computer(triples, outputs)
+        return self.computer(triples, outputs, any_layout=any_layout)
 
     def activation_cache(self, probe: torch.Tensor) -> dict[str, Any] | None:
         """The layer whose outputs a build can store for the re-rank (see ``GradientComputer.cache_module``):
@@ -195,13 +209,24 @@ class Tracer:
         return total
 
     def _train_gradients(self, train: torch.Tensor, c: int, start: int,
-                         acts: tuple[str, torch.Tensor] | None) -> list[GradBlock]:
+                         acts: tuple[str, torch.Tensor] | None, any_layout: bool) -> list[GradBlock]:
         if acts is None:
             return self.gradients(train, c)
         name, table = acts
         b, out_f = train.shape[0], int(self.computer.modules[name].out_features)
         mine = table[start : start + b].reshape(b, len(self.checkpoints), -1, out_f)[:, c]  # (b, R, out)
-        return self.gradients(train, c, {name: mine.transpose(0, 1).reshape(-1, out_f)})  # row r * b + j
+        return self.gradients(train, c, {name: mine.transpose(0, 1).reshape(-1, out_f)},  # row r * b + j
+                              any_layout=any_layout)
+
+    def _in_order(self, blocks: list[GradBlock], order: dict[str, torch.Tensor]) -> list[GradBlock]:
+        """``blocks`` with the ``v`` columns of each module in ``order`` permuted to that order."""
+        out: list[GradBlock] = []
+        for p, blk in zip(self.tracked, blocks, strict=True):
+            perm = order.get(p.module)
+            if perm is not None and isinstance(blk, OuterGrad):
+                blk = OuterGrad(blk.u, blk.v[..., perm.to(blk.v.device)])
+            out.append(blk)
+        return out
 
     def exact_pairs(
         self,
@@ -229,14 +254,24 @@ class Tracer:
         if n_pairs == 0:
             return total
         bounds = torch.searchsorted(pair_train, torch.arange(0, len(train) + batch_size, batch_size)).tolist()
+        # a few tests: their v columns are cheap to permute, so the candidates' encoder may skip its reorder
+        test_floats = sum(blk.v.numel() for blocks in test_blocks for blk in blocks if isinstance(blk, OuterGrad))
+        any_layout = train_acts is not None and test_floats <= ANY_LAYOUT_FLOATS
         for c, ckpt in enumerate(self.checkpoints):
+            permuted: dict[int, list[GradBlock]] = {}  # test blocks in a candidate batch's feature order
             for b, s in enumerate(range(0, len(train), batch_size)):
                 lo, hi = bounds[b], bounds[b + 1]
                 if lo == hi:
                     continue
                 pt, pr = pair_test[lo:hi], pair_train[lo:hi] - s
-                part = inner_pairs(test_blocks[c], self._train_gradients(train[s : s + batch_size], c, s, train_acts),
-                                   pt, pr).cpu()
+                train_blocks = self._train_gradients(train[s : s + batch_size], c, s, train_acts, any_layout)
+                mine = test_blocks[c]
+                if self.computer.v_order:
+                    key = id(next(iter(self.computer.v_order.values())))
+                    if key not in permuted:
+                        permuted[key] = self._in_order(test_blocks[c], self.computer.v_order)
+                    mine = permuted[key]
+                part = inner_pairs(mine, train_blocks, pt, pr).cpu()
                 if train_scale is not None:
                     part = part * train_scale[s + pr, c].to(part)
                 if test_scale is not None:

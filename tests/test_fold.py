@@ -1,0 +1,72 @@
+"""Folded eval-mode encoders equal the modules they stand in for (:mod:`tracin_index.fold`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tracin_index.fold import fold
+
+
+def _randomise(seq: nn.Sequential, gen: torch.Generator) -> None:
+    """BatchNorm statistics and affine parameters far from the identity, so that a wrong fold shows."""
+    for m in seq.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.copy_(torch.randn(c, generator=gen))
+            m.running_var.copy_(torch.rand(c, generator=gen) * 3 + 0.2)
+            if m.weight is not None:
+                m.weight.data.copy_(torch.randn(c, generator=gen))
+                m.bias.data.copy_(torch.randn(c, generator=gen))
+
+
+def _conve_encoder(padding: int = 0, affine: bool = True) -> nn.Sequential:
+    return nn.Sequential(nn.BatchNorm2d(2, affine=affine), nn.Dropout(0.3), nn.Conv2d(2, 5, 3, padding=padding),
+                         nn.BatchNorm2d(5), nn.ReLU(), nn.Dropout2d(0.2))
+
+
+@pytest.mark.parametrize(("padding", "affine"), [(0, True), (0, False), (1, True)])
+def test_folded_encoder_equals_the_module(padding: int, affine: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    seq = _conve_encoder(padding, affine)
+    _randomise(seq, gen)
+    seq.eval()
+    folded = fold(seq)
+    assert folded is not None
+    kinds = [k for k, _ in folded.plan]
+    # no padding: both BatchNorms go into the convolution; with padding the first one cannot (padded zeros)
+    assert kinds == (["conv", "relu"] if padding == 0 else ["call", "conv", "relu"])
+    x = torch.randn(7, 2, 10, 8, generator=gen)
+    before = x.clone()
+    with torch.no_grad():
+        ref = seq(x)
+    got = folded(x)
+    assert torch.equal(x, before), "the module's own input is never overwritten"
+    assert not got.requires_grad
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, torch.relu(seq[2](x))), "BatchNorms took part"
+
+
+def test_folded_encoder_follows_a_new_state() -> None:
+    """A loaded checkpoint changes the weights in place: the fold is made again."""
+    gen = torch.Generator().manual_seed(1)
+    seq = _conve_encoder()
+    _randomise(seq, gen)
+    seq.eval()
+    folded = fold(seq)
+    assert folded is not None
+    x = torch.randn(4, 2, 6, 6, generator=gen)
+    folded(x)
+    other = _conve_encoder()
+    _randomise(other, gen)
+    seq.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(folded(x), other.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_to_fold() -> None:
+    assert fold(nn.Sequential(nn.Linear(3, 3), nn.Tanh()).eval()) is None
+    assert fold(_conve_encoder().train()) is None  # training mode: batch statistics, live dropout
+    assert fold(nn.Linear(3, 3)) is None
