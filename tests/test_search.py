@@ -8,7 +8,7 @@ import torch
 
 from tracin_index import gradients
 from tracin_index.gradients import DenseGrad, OuterGrad, RowsGrad, inner, inner_pairs
-from tracin_index.search import PREFILTER_QUERIES, TorchSearcher, prefilter_scan, quantize_rows, scan
+from tracin_index.search import PREFILTER_QUERIES, Int8Rows, TorchSearcher, prefilter_scan, quantize_rows, scan
 
 
 def _brute(rows: np.ndarray, q: np.ndarray, n: int, allowed: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
@@ -86,8 +86,7 @@ def test_int8_prefilter_finds_the_full_top_k_and_returns_whole_row_products(c: i
         assert np.allclose(ts[j], weighted[ti[j]] @ q[j], rtol=1e-5, atol=1e-4)  # whole-row float32 products
         assert np.allclose(bs[j], weighted[bi[j]] @ q[j], rtol=1e-5, atol=1e-4)
     # the int8 stage alone is not that exact: without the refine its order differs from brute force
-    codes, scale = searcher.codes()
-    approx = (codes.double() @ torch.from_numpy(q).double().T).numpy() * scale.double().numpy()[:, None]
+    approx = searcher.int8().products(torch.from_numpy(q)).T.numpy()
     if row_scale is None:
         assert any(np.argsort(-approx[:, j])[:20].tolist() != _brute(rows, q, 20, np.ones((n, m), bool))[0][j]
                    for j in range(m))
@@ -114,8 +113,28 @@ def test_int8_prefilter_reports_missing_places() -> None:
     q = rng.standard_normal((1, 64)).astype(np.float32)
     allowed = np.zeros((2000, 1), dtype=bool)
     allowed[:3] = True  # only 3 rows may be returned
-    codes, scale = quantize_rows(rows)
-    ts, ti, _, bi = prefilter_scan(rows, codes, scale, q, 5, 5, 1, mask=lambda a, b: torch.from_numpy(allowed[a:b]))
+    ts, ti, _, bi = prefilter_scan(rows, Int8Rows.of(rows), q, 5, 5, 1, mask=lambda a, b: torch.from_numpy(allowed[a:b]))
     assert sorted(ti[0][:3].tolist()) == [0, 1, 2] and ti[0][3:].tolist() == [-1, -1]
     assert sorted(bi[0][:3].tolist()) == [0, 1, 2] and bi[0][3:].tolist() == [-1, -1]
     assert np.allclose(ts[0][:3], rows.numpy()[ti[0][:3]] @ q[0], rtol=1e-5, atol=1e-5)
+
+
+def test_int8_products_are_exact_integer_sums_packed_or_not() -> None:
+    """Both kernels give the exact int32 sums as float32, so the background pack never changes a result."""
+    rng = np.random.default_rng(4)
+    rows = torch.from_numpy((rng.standard_normal((70_000, 96)) * rng.uniform(0.1, 10, (70_000, 1))).astype(np.float32))
+    q = torch.from_numpy(rng.standard_normal((3, 96)).astype(np.float32))
+    int8 = Int8Rows.of(rows)
+    assert int8.codes is not None
+    codes = int8.codes.clone()
+    q_codes, q_scale = quantize_rows(q)
+    exact = (q_codes.long() @ codes.long().T).to(torch.float32)  # integer arithmetic, then one rounding
+    plain = int8.products(q)
+    assert torch.equal(int8.sums(q_codes), exact)
+    assert torch.equal(plain, exact * int8.scale[None, :] * q_scale[:, None])
+    int8.pack(background=True)
+    int8.wait()
+    if not int8.packed:
+        pytest.skip("this torch build has no oneDNN u8 x s8 GEMM; products stay on torch._int_mm")
+    assert int8.codes is None, "the plain codes are dropped once packed"
+    assert torch.equal(int8.sums(q_codes), exact) and torch.equal(int8.products(q), plain)

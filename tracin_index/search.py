@@ -24,6 +24,7 @@ every float32 row.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 from .errors import InputError
 from .store import Store
 
-__all__ = ["BACKENDS", "FaissSearcher", "Searcher", "StreamSearcher", "TorchSearcher", "available_memory",
+__all__ = ["BACKENDS", "FaissSearcher", "Int8Rows", "Searcher", "StreamSearcher", "TorchSearcher", "available_memory",
            "build_flat_index", "flat_rows", "make_searcher", "prefilter_scan", "quantize_rows", "scan", "scan_blocks",
            "search"]
 
@@ -190,6 +191,7 @@ PREFILTER_QUERIES = 16  # at most this many queries take the int8 prefilter (fas
 PREFILTER_FACTOR = 2  # the int8 stage keeps 2x the asked candidates of each end for the float32 refine
 PREFILTER_MIN_ROWS = 16  # rows per kept candidate below which the full scan costs about the same
 INT8_MAX_WIDTH = (2**31 - 1) // (127 * 127)  # int32 products of int8 codes cannot overflow up to this width
+PACK_MIN_ROWS = 100_000  # rows from which open_index lays the int8 codes out for oneDNN (a few ms per query)
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,10 +202,99 @@ def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 
+class Int8Rows:
+    """int8 codes of the rows (:func:`quantize_rows`) and their exact integer products with a few queries.
+
+    Products come from ``torch._int_mm`` until :meth:`pack` has laid the codes out for oneDNN's u8 x s8
+    GEMM (``onednn::qlinear_pointwise``: 12 against 16 ms for 272k x 1024 and one query; the layout
+    takes about 1.2 s, so ``open_index`` runs it on a background thread). Both give the exact int32
+    sums converted to float32, so which one answers never changes a result (checked when packing).
+    """
+
+    BLOCK = 65536  # rows per packed block
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        self.codes: torch.Tensor | None = codes  # dropped once packed (the packed copy holds the same numbers)
+        self.scale = scale
+        self.shape = (int(codes.shape[0]), int(codes.shape[1]))
+        self._packed: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, block: int = 32768) -> Int8Rows:
+        codes = torch.empty(rows.shape, dtype=torch.int8)
+        scale = torch.empty(rows.shape[0])
+        for start in range(0, rows.shape[0], block):
+            codes[start : start + block], scale[start : start + block] = quantize_rows(rows[start : start + block])
+        return cls(codes, scale)
+
+    @property
+    def packed(self) -> bool:
+        return self._packed is not None
+
+    def pack(self, background: bool = True) -> None:
+        """Lay the codes out for oneDNN (where this torch has the op; else products stay on ``_int_mm``)."""
+        if background:
+            self._thread = threading.Thread(target=self._pack, name="tracin-index-int8-pack", daemon=True)
+            self._thread.start()
+        else:
+            self._pack()
+
+    def wait(self) -> None:
+        """Until a background :meth:`pack` is done."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def _pack(self) -> None:
+        n, width = self.shape
+        codes = self.codes
+        assert codes is not None
+        try:
+            packed = []
+            for start in range(0, n, self.BLOCK):
+                part = codes[start : start + self.BLOCK]
+                rows = part.shape[0]
+                packed.append((start, torch.ops.onednn.qlinear_prepack(part, [1, width]),
+                               torch.ones(rows), torch.zeros(rows, dtype=torch.long)))
+            probe = torch.randint(-127, 128, (2, width), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+            if not torch.equal(self._packed_sums(probe, packed[:1])[:, : packed[0][2].shape[0]],
+                               torch._int_mm(probe, codes[: self.BLOCK].T).to(torch.float32)):
+                return  # not the exact integer sums here: stay on _int_mm
+        except (AttributeError, RuntimeError, NotImplementedError):  # a torch build without the oneDNN op
+            return
+        self._packed = packed  # first: sums() reads the codes before the packed blocks
+        self.codes = None
+
+    def _packed_sums(self, q_codes: torch.Tensor, packed: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
+                     ) -> torch.Tensor:
+        qx = (q_codes.to(torch.int16) + 128).to(torch.uint8)  # u8 with zero point 128: the same integers
+        out = torch.empty(q_codes.shape[0], self.shape[0])
+        for start, blk, ones, zeros in packed:
+            out[:, start : start + ones.shape[0]] = torch.ops.onednn.qlinear_pointwise(
+                qx, 1.0, 128, blk, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+        return out
+
+    def sums(self, q_codes: torch.Tensor) -> torch.Tensor:
+        """Exact ``q_codes (M, W) int8`` x codes products ``(M, N)`` as float32."""
+        codes = self.codes  # before the packed blocks: a background pack sets those first, then drops the codes
+        packed = self._packed
+        if packed is not None:
+            return self._packed_sums(q_codes, packed)
+        assert codes is not None
+        return torch._int_mm(q_codes, codes.T).to(torch.float32)
+
+    def products(self, q: torch.Tensor) -> torch.Tensor:
+        """Estimates ``(M, N) float32`` of the rows' products with float32 queries ``q (M, W)``."""
+        q_codes, q_scale = quantize_rows(q)
+        approx = self.sums(q_codes)
+        approx *= self.scale[None, :]
+        approx *= q_scale[:, None]
+        return approx
+
+
 def prefilter_scan(
     rows: torch.Tensor,
-    codes: torch.Tensor,
-    code_scale: torch.Tensor,
+    int8: Int8Rows,
     queries: np.ndarray,
     n_top: int,
     n_bottom: int,
@@ -212,8 +303,8 @@ def prefilter_scan(
     row_scale: np.ndarray | None = None,
     mask: Mask | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Two-stage :func:`scan` for a few queries: int8 products over ``codes`` (:func:`quantize_rows` of
-    ``rows``), then the float32 rows of its ``PREFILTER_FACTOR`` x more candidates per end.
+    """Two-stage :func:`scan` for a few queries: int8 products (``int8``, the codes of ``rows``), then the
+    float32 rows of its ``PREFILTER_FACTOR`` x more candidates per end.
 
     A few queries read the whole table once, so their scan is memory-bound: 45 ms for 272k x 1024
     float32 rows on 2 cores, 15 ms for the same rows as int8 codes (``torch._int_mm``: exact int32
@@ -227,10 +318,7 @@ def prefilter_scan(
     n = rows.shape[0]
     nt, nb = min(n, n_top * PREFILTER_FACTOR), min(n, n_bottom * PREFILTER_FACTOR)
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    q_codes, q_scale = quantize_rows(q)
-    approx = torch._int_mm(q_codes, codes.T).to(torch.float32)  # (M, N), exact int32 sums
-    approx *= code_scale[None, :]
-    approx *= q_scale[:, None]
+    approx = int8.products(q)  # (M, N)
     if row_scale is not None:
         approx *= torch.from_numpy(np.ascontiguousarray(row_scale[:, 0], dtype=np.float32))[None, :]
     allowed = mask(0, n) if mask is not None else None
@@ -294,21 +382,22 @@ class TorchSearcher(Searcher):
     backend = "torch"
 
     def __init__(self, rows: torch.Tensor, checkpoints: int = 1, prefilter: bool = False,
-                 codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 int8: Int8Rows | None = None) -> None:
         self.rows, self.width, self.checkpoints = rows, int(rows.shape[1]), checkpoints
         self.backend = f"torch-{rows.device.type}"
         self.prefilter = prefilter and rows.device.type == "cpu" and self.width <= INT8_MAX_WIDTH
-        self._codes = codes if self.prefilter else None
+        self._int8 = int8 if self.prefilter else None
 
-    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int8 codes of the rows and their per-row scales (:func:`quantize_rows`), made once."""
-        if self._codes is None:
-            codes = torch.empty(self.rows.shape, dtype=torch.int8)
-            scale = torch.empty(self.rows.shape[0])
-            for start in range(0, self.rows.shape[0], 32768):
-                codes[start : start + 32768], scale[start : start + 32768] = quantize_rows(self.rows[start : start + 32768])
-            self._codes = codes, scale
-        return self._codes
+    def wait(self) -> None:
+        """Until background work (the int8 pack) is done; searches never need it, they are only faster after."""
+        if self._int8 is not None:
+            self._int8.wait()
+
+    def int8(self) -> Int8Rows:
+        """The int8 codes of the rows (:class:`Int8Rows`), made on first use unless given."""
+        if self._int8 is None:
+            self._int8 = Int8Rows.of(self.rows)
+        return self._int8
 
     def takes_prefilter(self, m: int, n_top: int, n_bottom: int, row_scale: np.ndarray | None = None) -> bool:
         kept = PREFILTER_FACTOR * (n_top + n_bottom)
@@ -318,8 +407,7 @@ class TorchSearcher(Searcher):
     def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
                mask: Mask | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if self.takes_prefilter(len(q), n_top, n_bottom, row_scale):
-            codes, code_scale = self.codes()
-            return prefilter_scan(self.rows, codes, code_scale, q, n_top, n_bottom, self.checkpoints,
+            return prefilter_scan(self.rows, self.int8(), q, n_top, n_bottom, self.checkpoints,
                                   row_scale=row_scale, mask=mask)
         return scan(self.rows, q, n_top, n_bottom, row_scale=row_scale, mask=mask)
 
@@ -388,16 +476,17 @@ def make_searcher(store: Store, device: torch.device, backend: str = "auto", mem
         dtype = torch.float16 if on_gpu else torch.float32  # CPUs without fp16 GEMM: float32, as FAISS holds them
         table = torch.empty((store.num_rows, width), dtype=dtype, device=device)
         prefilter = prefilter and width <= INT8_MAX_WIDTH
-        codes = torch.empty((store.num_rows, width), dtype=torch.int8) if prefilter else None
-        code_scale = torch.empty(store.num_rows) if prefilter else None
+        int8 = Int8Rows(torch.empty((store.num_rows, width), dtype=torch.int8), torch.empty(store.num_rows)) \
+            if prefilter else None
         for start, block in store.iter_rows():
             part = torch.from_numpy(block).to(device=device, dtype=dtype)
             table[start : start + len(block)] = part
-            if codes is not None and code_scale is not None:  # quantised while the block is in cache
-                codes[start : start + len(block)], code_scale[start : start + len(block)] = quantize_rows(part)
+            if int8 is not None and int8.codes is not None:  # quantised while the block is in cache
+                int8.codes[start : start + len(block)], int8.scale[start : start + len(block)] = quantize_rows(part)
+        if int8 is not None and store.num_rows >= PACK_MIN_ROWS:
+            int8.pack(background=True)  # queries use _int_mm until it is done, with the same results
         checkpoints = len(store.attrs["checkpoints"])
-        return TorchSearcher(table, checkpoints, prefilter=prefilter,
-                             codes=None if codes is None or code_scale is None else (codes, code_scale))
+        return TorchSearcher(table, checkpoints, prefilter=prefilter, int8=int8)
     index = build_flat_index(store)
     rows = flat_rows(index)
     if faiss_gpu:  # pragma: no cover - needs faiss-gpu and a GPU
