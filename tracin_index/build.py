@@ -506,8 +506,8 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     r = tracer.rows(triples[start:stop], batch_size=config.batch_size, keep_acts=keep_acts)
-                with np.errstate(over="ignore"):
-                    rows = r.rows.cpu().numpy().astype(dtype)
+                # torch's float32 -> float16 rounding is numpy's, bit for bit, and vectorised (numpy's is ~60x slower)
+                rows = r.rows.to(getattr(torch, dtype)).cpu().numpy()
                 if not np.isfinite(rows).all():
                     big = float(r.rows.abs().max())
                     raise InputError(f"projected gradients reach {big:.3g}, beyond {dtype}'s range; build with --dtype "
@@ -522,7 +522,7 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
                     computed += 1
                     if progress is not None:
                         progress(rows_done, total_rows)
-                acts = None if r.acts is None else r.acts.cpu().numpy().astype(np.float32)
+                acts = None if r.acts is None else r.acts.to(torch.float32).cpu().numpy()
                 pending = writer.submit(write, int(u), rows, self_inf, norms, acts)
                 rows_done += stop - start
             if pending is not None:
