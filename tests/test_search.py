@@ -45,7 +45,7 @@ def _blocks(n: int, gen: torch.Generator) -> list:
             RowsGrad(torch.randint(4, (n, 2), generator=gen), torch.randn(n, 2, 3, generator=gen), 4)]
 
 
-@pytest.mark.parametrize("dense_pairs", [0, 8])
+@pytest.mark.parametrize("dense_pairs", [0, 16])
 def test_inner_pairs_equals_the_dense_inner_product(dense_pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both kernels: the sampled product (few pairs per matrix) and the dense GEMM (many)."""
     monkeypatch.setattr(gradients, "DENSE_PAIRS", dense_pairs)

@@ -92,7 +92,7 @@ class RowsGrad:
 
 
 GradBlock = DenseGrad | OuterGrad | RowsGrad
-DENSE_PAIRS = 8  # inner_pairs takes the dense product when the pairs fill at least 1/8 of the Na x Nb matrix
+DENSE_PAIRS = 16  # inner_pairs takes the dense product when the pairs fill at least 1/16 of the Na x Nb matrix
 
 
 def describe_parameters(model: nn.Module, names: list[str]) -> list[TrackedParam]:

@@ -219,6 +219,14 @@ def _reciprocal(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _ranked(values: np.ndarray, ids: np.ndarray, sign: float, k: int) -> list[tuple[float, int]]:
+    """The ``k`` places with ``sign * value > 0``, largest ``sign * value`` first, ties by row: ``(value, row)``."""
+    keep = (ids >= 0) & (values * sign > 0)
+    v, i = values[keep], ids[keep]
+    order = np.lexsort((i, -sign * v))[:k]
+    return [(float(v[o]), int(i[o])) for o in order]
+
+
 class TracinIndex:
     """A built index, opened with the model and checkpoints it was built from.
 
@@ -232,7 +240,8 @@ class TracinIndex:
         self.store = store
         self.tracer = tracer
         self.labels = labels
-        self.triples = torch.from_numpy(store.read("triples").astype(np.int64))
+        self._triple_ids = store.read("triples").astype(np.int64)
+        self.triples = torch.from_numpy(self._triple_ids)
         self.train_index = store.read("train_index").astype(np.int64)
         # built from the rows, every chunk's checksum checked: the blocked scan (float32 on the CPU, float16 on a GPU)
         self.searcher = make_searcher(store, tracer.device, search_backend, memory)
@@ -447,19 +456,17 @@ class TracinIndex:
 
     def _result(self, test: torch.Tensor, s: ScoreSettings, pi: np.ndarray, pv: np.ndarray, oi: np.ndarray,
                 ov: np.ndarray) -> QueryResult:
-        pro = [(float(v), int(i)) for v, i in zip(pv, pi, strict=True) if i >= 0]
-        opp = [(float(v), int(i)) for v, i in zip(ov, oi, strict=True) if i >= 0]
         h, r, t = self._labels(test)
         common: dict[str, Any] = {"test": {"head": h, "relation": r, "tail": t},
                                   "test_ids": tuple(int(x) for x in test.tolist()), "mode": s.mode, "exact": s.rerank}
         if s.mode == "abs":
+            pro = [(float(v), int(i)) for v, i in zip(pv, pi, strict=True) if i >= 0]
+            opp = [(float(v), int(i)) for v, i in zip(ov, oi, strict=True) if i >= 0]
             merged = {i: v for v, i in pro + opp}
             top = sorted(((v, i) for i, v in merged.items()), key=lambda x: (-abs(x[0]), x[1]))[: s.k]
             return QueryResult(top=self._entries(top), **common)
-        pro = sorted(pro, key=lambda x: (-x[0], x[1]))
-        opp = sorted(opp, key=lambda x: (x[0], x[1]))
-        return QueryResult(proponents=self._entries([p for p in pro if p[0] > 0][: s.k]),
-                           opponents=self._entries([o for o in opp if o[0] < 0][: s.k]), **common)
+        return QueryResult(proponents=self._entries(_ranked(pv, pi, 1.0, s.k)),
+                           opponents=self._entries(_ranked(ov, oi, -1.0, s.k)), **common)
 
     def _labels(self, ids: Any) -> tuple[str, str, str]:
         h, r, t = (int(x) for x in ids)
@@ -469,7 +476,7 @@ class TracinIndex:
     def _entries(self, items: list[tuple[float, int]]) -> list[Influence]:
         out = []
         for rank, (score, row) in enumerate(items, start=1):
-            ids = [int(x) for x in self.triples[row]]
+            ids = self._triple_ids[row].tolist()
             h, r, t = self._labels(ids)
             out.append(Influence(rank=rank, train_index=int(self.train_index[row]), head=h, relation=r, tail=t,
                                  head_id=ids[0], relation_id=ids[1], tail_id=ids[2], influence=score))
