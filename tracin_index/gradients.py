@@ -437,15 +437,12 @@ def inner_pairs(a: list[GradBlock], b: list[GradBlock], ia: torch.Tensor, ib: to
             full = (x.reshape(r_ * na_, f) @ y.T).reshape(r_, na_, per, nb)
             return full.permute(1, 3, 0, 2)[sa, sb].permute(1, 0, 2)
         cols = (sb[:, None] + nb * torch.arange(per, device=dev)[None, :]).reshape(-1)
-        out = []
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            for r in range(r_):
-                pattern = torch.sparse_csr_tensor(crow * per, cols, torch.zeros(n_pairs * per, dtype=x.dtype, device=dev),
-                                                  (na, per * nb), check_invariants=False)
-                out.append(torch.sparse.sampled_addmm(pattern, x[r].contiguous(), y.T, beta=0.0).values()
-                           .reshape(n_pairs, per))
-        return torch.stack(out)
+            pattern = torch.sparse_csr_tensor(crow * per, cols, torch.zeros(n_pairs * per, dtype=x.dtype, device=dev),
+                                              (na, per * nb), check_invariants=False)
+            return torch.stack([torch.sparse.sampled_addmm(pattern, x[r].contiguous(), y.T, beta=0.0).values()
+                                .reshape(n_pairs, per) for r in range(r_)])
 
     total = torch.zeros(n_pairs, device=dev)
     for x, y in zip(a, b, strict=True):

@@ -306,13 +306,14 @@ def prefilter_scan(
     """Two-stage :func:`scan` for a few queries: int8 products (``int8``, the codes of ``rows``), then the
     float32 rows of its ``PREFILTER_FACTOR`` x more candidates per end.
 
-    A few queries read the whole table once, so their scan is memory-bound: 45 ms for 272k x 1024
-    float32 rows on 2 cores, 15 ms for the same rows as int8 codes (``torch._int_mm``: exact int32
-    sums, the same on every CPU). The int8 products are estimates of the float32 ones (both sides
-    rounded to 8 bits); the refine recomputes the kept candidates' products from the float32 rows, so
-    the returned scores are :func:`scan`'s, and what can differ is a row of the full top-K that the
-    int8 stage ranked below its ``PREFILTER_FACTOR`` x cut (measured in ``benchmarks/RESULTS.md``:
-    none in 200 queries at 272k rows). ``row_scale`` needs one checkpoint (one weight per row).
+    A few queries read the whole table once, so their scan is bound by its bytes: 44 ms for 272k x 1024
+    float32 rows on 2 cores, 12-16 ms for the same rows as int8 codes (:class:`Int8Rows`: exact int32
+    sums). The int8 products are estimates of the float32 ones (both sides rounded to 8 bits); the
+    refine recomputes the kept candidates' products from the float32 rows, so the returned scores are
+    whole-row float32 products as :func:`scan` gives them (up to summation order), and what can differ
+    is a row of the full top-K that the int8 stage ranked below its ``PREFILTER_FACTOR`` x cut
+    (``benchmarks/RESULTS.md``: at 272k rows, the same 100 + 500 candidates as the full scan in 200 of
+    200 queries). ``row_scale`` needs one checkpoint (one weight per row).
     """
     assert row_scale is None or checkpoints == 1, "a per-checkpoint row scale needs the full scan"
     n = rows.shape[0]
