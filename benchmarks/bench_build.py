@@ -75,7 +75,7 @@ def peak_rss_mb() -> float:
 def one_run(n: int, batch_size: int, dim: int, inverse: bool, floor_rows: int, queries: int) -> dict[str, Any]:
     """Build the index of ``n`` synthetic triples; every figure of one row of the tables."""
     from tracin_index import BuildConfig, ProjectionSpec, build_index, open_index
-    from tracin_index.search import make_searcher
+    from tracin_index.search import TorchSearcher, make_searcher
     from tracin_index.store import Store
 
     out: dict[str, Any] = {"n": n, "rss_start_mb": peak_rss_mb()}
@@ -99,6 +99,8 @@ def one_run(n: int, batch_size: int, dim: int, inverse: bool, floor_rows: int, q
         searcher = make_searcher(Store.open(root / "idx"), torch.device("cpu"))  # what open_index holds: auto
         out["faiss_s"] = time.perf_counter() - t0
         out["backend"] = searcher.backend
+        if isinstance(searcher, TorchSearcher):
+            searcher.close()  # its background int8 layout would compete with the queries below
         del searcher
         if out["backend"] == "stream":
             queries = min(queries, 5)  # each streamed query reads the whole store
@@ -111,6 +113,8 @@ def one_run(n: int, batch_size: int, dim: int, inverse: bool, floor_rows: int, q
                                 torch.randint(entities_for(n), (queries,), generator=gen)], dim=1)
             index.query(test[:1], k=10)
             out["cold_s"] = time.perf_counter() - t0
+            if isinstance(index.searcher, TorchSearcher):
+                index.searcher.wait()  # the latencies below are the steady state, after the background int8 layout
             lat = []
             for i in range(queries):
                 t1 = time.perf_counter()

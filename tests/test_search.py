@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +141,22 @@ def test_int8_products_are_exact_integer_sums_packed_or_not() -> None:
         pytest.skip("this torch build has no oneDNN u8 x s8 GEMM; products stay on torch._int_mm")
     assert int8.codes is None, "the plain codes are dropped once packed"
     assert torch.equal(int8.sums(q_codes), exact) and torch.equal(int8.products(q), plain)
+
+
+def test_process_exits_cleanly_while_packing() -> None:
+    """A background pack is stopped at exit (a daemon thread inside oneDNN at finalisation aborts the process)."""
+    code = ("import torch; from tracin_index.search import Int8Rows; "
+            "r = Int8Rows.of(torch.randn(400_000, 256)); r.pack(background=True); print('exiting')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "exiting"
+
+
+def test_a_stopped_pack_leaves_the_plain_products() -> None:
+    rows = torch.randn(140_000, 64, generator=torch.Generator().manual_seed(5))
+    int8 = Int8Rows.of(rows)
+    int8.stop()  # before it starts: nothing is packed
+    int8.pack(background=False)
+    q = torch.randn(2, 64, generator=torch.Generator().manual_seed(6))
+    assert not int8.packed and int8.codes is not None
+    assert int8.products(q).shape == (2, 140_000)

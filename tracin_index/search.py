@@ -24,7 +24,9 @@ every float32 row.
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -202,6 +204,15 @@ def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 
+def _stop_packing() -> None:
+    for rows in list(_PACKING):
+        rows.stop()
+
+
+_PACKING: weakref.WeakSet[Int8Rows] = weakref.WeakSet()  # background packs still alive
+atexit.register(_stop_packing)
+
+
 class Int8Rows:
     """int8 codes of the rows (:func:`quantize_rows`) and their exact integer products with a few queries.
 
@@ -219,6 +230,7 @@ class Int8Rows:
         self.shape = (int(codes.shape[0]), int(codes.shape[1]))
         self._packed: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     @classmethod
     def of(cls, rows: torch.Tensor, block: int = 32768) -> Int8Rows:
@@ -235,10 +247,16 @@ class Int8Rows:
     def pack(self, background: bool = True) -> None:
         """Lay the codes out for oneDNN (where this torch has the op; else products stay on ``_int_mm``)."""
         if background:
+            _PACKING.add(self)  # stopped at interpreter exit: a thread inside oneDNN then would abort the process
             self._thread = threading.Thread(target=self._pack, name="tracin-index-int8-pack", daemon=True)
             self._thread.start()
         else:
             self._pack()
+
+    def stop(self) -> None:
+        """Stop a background :meth:`pack` at its next block (products stay on ``_int_mm``) and wait for it."""
+        self._stop.set()
+        self.wait()
 
     def wait(self) -> None:
         """Until a background :meth:`pack` is done."""
@@ -252,6 +270,8 @@ class Int8Rows:
         try:
             packed = []
             for start in range(0, n, self.BLOCK):
+                if self._stop.is_set():
+                    return
                 part = codes[start : start + self.BLOCK]
                 rows = part.shape[0]
                 packed.append((start, torch.ops.onednn.qlinear_prepack(part, [1, width]),
@@ -393,6 +413,11 @@ class TorchSearcher(Searcher):
         """Until background work (the int8 pack) is done; searches never need it, they are only faster after."""
         if self._int8 is not None:
             self._int8.wait()
+
+    def close(self) -> None:
+        """Stop background work (searches keep working, on the plain int8 products)."""
+        if self._int8 is not None:
+            self._int8.stop()
 
     def int8(self) -> Int8Rows:
         """The int8 codes of the rows (:class:`Int8Rows`), made on first use unless given."""
