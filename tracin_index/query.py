@@ -35,7 +35,7 @@ from .model import (
 )
 from .projection import ProjectionSpec
 from .runtime import resolve_device, tune_allocator
-from .search import available_memory, make_searcher
+from .search import available_memory, load_rows, make_searcher
 from .store import Store
 from .tracer import Tracer
 
@@ -257,10 +257,7 @@ class TracinIndex:
             return None
         if self.num_rows * int(cache["width"]) * 4 > available_memory() // 4:
             return None
-        acts = torch.empty((self.num_rows, int(cache["width"])))
-        for start, block in self.store.iter_rows(name="acts"):  # 64 MiB blocks: Zarr's decoding stays small
-            acts[start : start + len(block)] = torch.from_numpy(block)
-        return str(cache["module"]), acts
+        return str(cache["module"]), load_rows(self.store, "acts")
 
     @property
     def num_rows(self) -> int:

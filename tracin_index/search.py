@@ -38,8 +38,8 @@ from .errors import InputError
 from .store import Store
 
 __all__ = ["BACKENDS", "FaissSearcher", "Int8Rows", "Searcher", "StreamSearcher", "TorchSearcher", "available_memory",
-           "build_flat_index", "flat_rows", "make_searcher", "prefilter_scan", "quantize_rows", "scan", "scan_blocks",
-           "search"]
+           "build_flat_index", "flat_rows", "load_rows", "make_searcher", "prefilter_scan", "quantize_rows", "scan",
+           "scan_blocks", "search"]
 
 Mask = Callable[[int, int], torch.Tensor | None]
 BACKENDS = ("auto", "torch", "full", "faiss", "stream")
@@ -233,12 +233,21 @@ class Int8Rows:
         self._stop = threading.Event()
 
     @classmethod
+    def empty(cls, n: int, width: int) -> Int8Rows:
+        """Codes to be filled block by block (:meth:`fill`)."""
+        return cls(torch.empty((n, width), dtype=torch.int8), torch.empty(n))
+
+    @classmethod
     def of(cls, rows: torch.Tensor, block: int = 32768) -> Int8Rows:
-        codes = torch.empty(rows.shape, dtype=torch.int8)
-        scale = torch.empty(rows.shape[0])
+        out = cls.empty(*rows.shape)
         for start in range(0, rows.shape[0], block):
-            codes[start : start + block], scale[start : start + block] = quantize_rows(rows[start : start + block])
-        return cls(codes, scale)
+            out.fill(start, rows[start : start + block])
+        return out
+
+    def fill(self, start: int, rows: torch.Tensor) -> None:
+        """Quantise ``rows`` into the codes from row ``start`` (before :meth:`pack`)."""
+        assert self.codes is not None, "the codes are packed"
+        self.codes[start : start + len(rows)], self.scale[start : start + len(rows)] = quantize_rows(rows)
 
     @property
     def packed(self) -> bool:
@@ -450,6 +459,21 @@ def available_memory() -> int:
     return 1 << 62  # unknown: assume it fits
 
 
+def load_rows(store: Store, name: str = "grads", dtype: torch.dtype = torch.float32,
+              device: torch.device | None = None, each: Callable[[int, torch.Tensor], None] | None = None
+              ) -> torch.Tensor:
+    """A per-row array of the store as one tensor, read in 64 MiB blocks (Zarr's decoding stays small),
+    checksums checked; ``each(start, block)`` sees every block once it is in the tensor."""
+    arr = store.array(name)
+    out = torch.empty((store.num_rows, *arr.shape[1:]), dtype=dtype, device=device)
+    for start, block in store.iter_rows(name=name):
+        part = out[start : start + len(block)]
+        part.copy_(torch.from_numpy(block))
+        if each is not None:
+            each(start, part)
+    return out
+
+
 def _fits_in_memory(store: Store, memory: int | None, codes: bool = False) -> bool:
     """Whether the in-memory float32 index (and its int8 codes) fits: within ``memory`` if given, else half
     the available RAM."""
@@ -499,20 +523,14 @@ def make_searcher(store: Store, device: torch.device, backend: str = "auto", mem
     faiss_gpu = on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if backend in ("torch", "full") or (backend == "auto" and not faiss_gpu):
         width = int(store.attrs["width"])
-        dtype = torch.float16 if on_gpu else torch.float32  # CPUs without fp16 GEMM: float32, as FAISS holds them
-        table = torch.empty((store.num_rows, width), dtype=dtype, device=device)
-        prefilter = prefilter and width <= INT8_MAX_WIDTH
-        int8 = Int8Rows(torch.empty((store.num_rows, width), dtype=torch.int8), torch.empty(store.num_rows)) \
-            if prefilter else None
-        for start, block in store.iter_rows():
-            part = torch.from_numpy(block).to(device=device, dtype=dtype)
-            table[start : start + len(block)] = part
-            if int8 is not None and int8.codes is not None:  # quantised while the block is in cache
-                int8.codes[start : start + len(block)], int8.scale[start : start + len(block)] = quantize_rows(part)
+        int8 = Int8Rows.empty(store.num_rows, width) if prefilter and width <= INT8_MAX_WIDTH else None
+        # CPUs without fp16 GEMM: float32, as FAISS holds them; the int8 codes made while each block is in cache
+        table = load_rows(store, "grads", torch.float16 if on_gpu else torch.float32, device,
+                          each=None if int8 is None else int8.fill)
         if int8 is not None and store.num_rows >= PACK_MIN_ROWS:
             int8.pack(background=True)  # queries use _int_mm until it is done, with the same results
         checkpoints = len(store.attrs["checkpoints"])
-        return TorchSearcher(table, checkpoints, prefilter=prefilter, int8=int8)
+        return TorchSearcher(table, checkpoints, prefilter=int8 is not None, int8=int8)
     index = build_flat_index(store)
     rows = flat_rows(index)
     if faiss_gpu:  # pragma: no cover - needs faiss-gpu and a GPU

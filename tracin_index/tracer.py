@@ -109,7 +109,6 @@ class Tracer:
         (and finds the cache module). ``outputs`` and ``any_layout``: as ``GradientComputer.__call__``
         takes them; ignored by the checking call, and ``outputs`` for any other module."""
         self.use_checkpoint(c)
-        self.computer.v_order = {}
         if not self._checked:
             self._checked = True
             return self.computer.checked(triples)
