@@ -91,6 +91,12 @@ def test_exact_mode_equals_autograd_loop(fixture: str, layers: str, loss: str, r
     # ConvE's encoder runs folded (BatchNorms into the convolution) exactly when no tracked layer precedes it
     folded = fixture.startswith("conve") and layers == "last:2"
     assert set(index.tracer.computer.folded) == ({"interaction.hr2d"} if folded else set())
+    # ... and, for projected rows (the build's, these stored ones), writes its output batch-innermost
+    computer = index.tracer.computer
+    assert (computer.feeds_cache == "interaction.hr2d" and computer.batch_last) == folded
+    if folded:
+        v = index.tracer.gradients(test, 0, batch_last=True)[0].v  # type: ignore[union-attr]
+        assert v.stride(-1) != 1 and v.permute(2, 0, 1).is_contiguous()  # memory (features, R, B)
     cached = dict(index.tracer.model.named_modules()).get("interaction.hr1d.0")
     if cached is not None:  # ConvE: the stored outputs stand in for the layer's matmul exactly when cached
         assert any(m is cached for m in linear_calls) == (not cacheable)
@@ -134,3 +140,64 @@ def test_reranked_queries_equal_with_and_without_the_activation_cache(conve_inve
         for xs, ys in ((a.proponents, b.proponents), (a.opponents, b.opponents)):
             assert [x.train_index for x in xs] == [y.train_index for y in ys]
             assert [x.influence for x in xs] == pytest.approx([y.influence for y in ys], rel=1e-5, abs=1e-9)
+
+
+class _ConvToy(torch.nn.Module):
+    """A tiny conv encoder into a tracked Linear, fed through ``consume`` (how the model flattens the encoder's
+    output): enough of a pykeen model (``score_hrt`` over raw rows) for ``GradientComputer``."""
+
+    use_inverse_triples = False
+
+    def __init__(self, consume: str) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(4)
+        self.emb = torch.nn.Embedding(10, 16)
+        self.enc = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        self.lin = torch.nn.Linear(16, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+            bn = self.enc[1]
+            bn.running_mean.copy_(torch.randn(4, generator=gen))  # type: ignore[operator]
+            bn.running_var.copy_(torch.rand(4, generator=gen) + 0.5)  # type: ignore[operator]
+        self.consume = consume
+
+    def score_hrt(self, rows: torch.Tensor) -> torch.Tensor:
+        x = (self.emb(rows[:, 0]) * self.emb(rows[:, 2])).view(-1, 1, 4, 4)
+        z = self.enc(x)
+        n = z.shape[0]
+        if self.consume == "view":
+            flat = z.view(n, -1)
+        elif self.consume == "view all":  # only contiguous memory allows this view
+            flat = z.view(-1).view(n, -1)
+        else:  # reads the memory as if it were contiguous: other values in another layout
+            flat = z.as_strided((n, z[0].numel()), (z[0].numel(), 1))
+        return self.lin(flat).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize(("consume", "kept"), [("view", True), ("view all", False), ("as_strided", False)])
+def test_batch_last_layout_is_kept_only_where_the_model_takes_it(consume: str, kept: bool) -> None:
+    """The first checked run tries the batch-innermost encoder output on a few triples: kept when the model
+    gives the same blocks with it, dropped when it cannot view it or reads other values. Either way the
+    blocks equal a plain autograd loop."""
+    from tracin_index.gradients import GradientComputer, densify, describe_parameters
+    from tracin_index.losses import get_loss
+
+    model = _ConvToy(consume).eval()
+    names = ["lin.weight", "lin.bias"]
+    computer = GradientComputer(model, describe_parameters(model, names), get_loss("bce"))
+    triples = torch.tensor([[i % 10, 0, (3 * i + 1) % 10] for i in range(12)])
+    ref = []
+    for row in triples:
+        loss = torch.nn.functional.softplus(-model.score_hrt(row[None])).sum()
+        grads = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names])
+        ref.append(torch.cat([g.reshape(-1) for g in grads]))
+    expected = torch.stack(ref)
+    first = computer.checked(triples, batch_last=True)
+    assert set(computer.folded) == {"enc"} and computer.feeds_cache == "enc"
+    assert computer.batch_last == kept
+    later = computer(triples, batch_last=True)
+    v = later[0].v  # type: ignore[union-attr]
+    assert (v.stride(-1) != 1) == kept  # batch innermost exactly when kept
+    for blocks in (first, later, computer(triples)):
+        assert torch.allclose(densify(blocks), expected, rtol=1e-4, atol=1e-5)

@@ -70,3 +70,49 @@ def test_nothing_to_fold() -> None:
     assert fold(nn.Sequential(nn.Linear(3, 3), nn.Tanh()).eval()) is None
     assert fold(_conve_encoder().train()) is None  # training mode: batch statistics, live dropout
     assert fold(nn.Linear(3, 3)) is None
+
+
+@pytest.mark.parametrize(("cin", "cout", "kernel", "stride", "padding", "dilation"),
+                         [(1, 32, 3, 1, 0, 1), (2, 5, 3, 1, 1, 1), (2, 6, (3, 2), 2, (1, 0), 2)])
+def test_batch_last_convolution_equals_the_module(cin: int, cout: int, kernel: int | tuple[int, int], stride: int,
+                                                  padding: int | tuple[int, int], dilation: int) -> None:
+    """The batch-innermost GEMM form gives the module's values, with the batch as the fastest axis in memory,
+    and a consumer's flatten is a view of it (no copy)."""
+    gen = torch.Generator().manual_seed(2)
+    seq = nn.Sequential(nn.BatchNorm2d(cin), nn.Dropout(0.2),
+                        nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation),
+                        nn.BatchNorm2d(cout), nn.ReLU())
+    _randomise(seq, gen)
+    seq.eval()
+    folded = fold(seq)
+    assert folded is not None
+    folded.batch_last = True
+    x = torch.randn(7, cin, 10, 9, generator=gen)
+    before = x.clone()
+    with torch.no_grad():
+        ref = seq(x)
+    got = folded(x)
+    assert torch.equal(x, before)
+    n, _, h, w = got.shape
+    assert got.shape == ref.shape and got.stride() == (1, h * w * n, w * n, n)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    flat = got.view(n, -1)
+    assert flat.data_ptr() == got.data_ptr() and flat.stride() == (1, n)
+    assert torch.allclose(flat, ref.reshape(n, -1), rtol=1e-5, atol=1e-5)
+    folded.batch_last = False
+    assert folded(x).is_contiguous()
+
+
+def test_batch_last_declines_a_wide_convolution() -> None:
+    """More taps than PATCHES_PER_OUTPUT x output channels: the patches would outweigh the output, so the
+    convolution runs as usual (contiguous output, same values)."""
+    seq = nn.Sequential(nn.Conv2d(8, 2, 3), nn.BatchNorm2d(2), nn.ReLU()).eval()
+    _randomise(seq, torch.Generator().manual_seed(3))
+    folded = fold(seq)
+    assert folded is not None
+    folded.batch_last = True
+    x = torch.randn(5, 8, 6, 6)
+    got = folded(x)
+    assert got.is_contiguous()
+    with torch.no_grad():
+        assert torch.allclose(got, seq(x), rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 __all__ = ["FoldedSequential", "fold"]
 
+PATCHES_PER_OUTPUT = 4  # relu_batch_last: at most (taps + 1) / output channels (ConvE: 10 / 32)
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
 
 
@@ -69,9 +70,60 @@ class _Conv:
         self.padding = [int(x) for x in conv.padding]  # type: ignore[union-attr]
         self.dilation = [int(x) for x in conv.dilation]
         self._packed: torch.Tensor | None = None
+        self._index: dict[tuple[int, int, int], tuple[torch.Tensor, int, int]] = {}
+        self._wb: torch.Tensor | None = None  # (C, taps + 1): the weights as a matrix, the bias as a last column
 
     def __call__(self, x: torch.Tensor, own: bool) -> torch.Tensor:
         return F.conv2d(x, self.w, self.b, self.stride, self.padding, self.dilation)
+
+    def _patch_index(self, cin: int, h: int, w: int) -> tuple[torch.Tensor, int, int]:
+        """Rows of the batch-last patch matrix as indices into the input's features: for each (input channel,
+        kernel row, kernel column) tap and output position, ``c * h * w + i * w + j``, or ``cin * h * w`` (a
+        row of zeros) where the tap falls in the padding; then one more tap, the bias's, reading
+        ``cin * h * w + 1`` (a row of ones) at every position. Returns the index and the output size."""
+        key = (cin, h, w)
+        if key not in self._index:
+            kh, kw = self.w.shape[2:]
+            (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+            ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            rows = (torch.arange(kh) * dh)[:, None, None, None] + (torch.arange(ho) * sh - ph)[None, None, :, None]
+            cols = (torch.arange(kw) * dw)[None, :, None, None] + (torch.arange(wo) * sw - pw)[None, None, None, :]
+            inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (kh, kw, ho, wo)
+            chans = torch.arange(cin)[:, None, None, None, None] * (h * w)
+            taps = torch.where(inside[None], chans + (rows * w + cols)[None], cin * h * w)  # (cin, kh, kw, ho, wo)
+            ones = torch.full((ho * wo,), cin * h * w + 1)
+            self._index[key] = (torch.cat([taps.reshape(-1), ones]).to(self.w.device), ho, wo)
+        return self._index[key]
+
+    def relu_batch_last(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``relu(conv(x))`` written with the batch innermost: memory ``(C, H', W', N)``, returned as its
+        ``(N, C, H', W')`` view (values and feature order as ``F.conv2d``'s, only the strides differ).
+
+        One GEMM of the folded weights and bias ``(C, taps + 1)`` against the input's patches gathered
+        batch-last ``(taps + 1, H' * W' * N)`` (the last row ones), then the ReLU in place. A consumer that
+        flattens the features (``view(N, -1)``) gets rows with stride 1 between triples: a Linear reads
+        them as a transposed operand at the same speed, and the CountSketch of its input becomes a sparse
+        x dense product over contiguous rows (measured in ``benchmarks/RESULTS.md``). None off the CPU, or
+        where the patches would take more than ``PATCHES_PER_OUTPUT`` times the output's memory.
+        """
+        if x.device.type != "cpu" or x.dim() != 4 or x.dtype != self.w.dtype:
+            return None
+        n, cin, h, w = x.shape
+        cout, taps = int(self.w.shape[0]), int(self.w[0].numel())
+        if taps + 1 > PATCHES_PER_OUTPUT * cout or n == 0:
+            return None
+        index, ho, wo = self._patch_index(cin, h, w)
+        if self._wb is None:
+            self._wb = torch.cat([self.w.reshape(cout, taps), self.b[:, None]], dim=1)
+        feats = cin * h * w
+        src = x.new_empty(feats + 2, n)
+        src[:feats].copy_(x.reshape(n, feats).T)
+        src[feats].zero_()
+        src[feats + 1].fill_(1.0)
+        patches = src.index_select(0, index)  # (taps + 1) * H' * W' rows of N
+        out = torch.mm(self._wb, patches.view(taps + 1, ho * wo * n))
+        out.relu_()
+        return out.view(cout, ho, wo, n).permute(3, 0, 1, 2)
 
     def relu_any_layout(self, x: torch.Tensor) -> torch.Tensor | None:
         """``relu(conv(x))`` in one oneDNN call with the weight packed once, in whatever memory format oneDNN
@@ -107,12 +159,17 @@ class FoldedSequential:
     final convolution + ReLU then runs as one oneDNN call and its channels-last memory is returned as
     is, viewed with the module's output shape: row ``j`` of the flattened output holds canonical
     feature ``last_perm[j]``. ``last_perm`` is None when the output came in the canonical order.
+
+    ``batch_last``: a final convolution + ReLU writes its output with the batch innermost
+    (:meth:`_Conv.relu_batch_last`), canonical feature order, other strides. For a consumer that only
+    views the output and feeds it to a Linear (ConvE's ``hr1d``); ``any_layout`` takes precedence.
     """
 
     def __init__(self, module: nn.Sequential, plan: list[tuple[str, list[nn.Module]]]) -> None:
         self.module = module
         self.plan = plan
         self.any_layout = False
+        self.batch_last = False
         self.last_perm: torch.Tensor | None = None
         self.last_ptr = 0  # the memory of the last reordered output
         self._key: tuple[tuple[int, int], ...] | None = None
@@ -144,6 +201,16 @@ class FoldedSequential:
             self._perms[(c, h, w)] = torch.arange(c * h * w).reshape(c, h, w).permute(1, 2, 0).reshape(-1)
         return self._perms[(c, h, w)]
 
+    def _as_canonical_shape(self, out: torch.Tensor) -> torch.Tensor:
+        """oneDNN's output viewed with the module's output shape; ``last_perm`` set when it is channels-last."""
+        if out.dim() != 4 or out.is_contiguous():
+            return out
+        if out.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = out.shape
+            self.last_perm, self.last_ptr = self._perm(c, h, w), out.data_ptr()
+            return out.permute(0, 2, 3, 1).reshape(n, c, h, w)  # a view of the same memory
+        return out.contiguous()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         key = self._state_key()
         if key != self._key:
@@ -153,19 +220,16 @@ class FoldedSequential:
         own = False
         steps = self._steps
         with torch.no_grad():
-            if self.any_layout and self._tail is not None:
+            tail = self._tail if (self.any_layout or self.batch_last) else None
+            if tail is not None:
                 for step in steps[:-2]:
                     x = step(x, own)
                     own = True
-                out = self._tail.relu_any_layout(x)
-                if out is not None and out.dim() == 4:
-                    if out.is_contiguous():
-                        return out
-                    if out.is_contiguous(memory_format=torch.channels_last):
-                        n, c, h, w = out.shape
-                        self.last_perm, self.last_ptr = self._perm(c, h, w), out.data_ptr()
-                        return out.permute(0, 2, 3, 1).reshape(n, c, h, w)  # a view of the same memory
-                    return out.contiguous()
+                out = tail.relu_any_layout(x) if self.any_layout else tail.relu_batch_last(x)
+                if out is not None and self.any_layout:
+                    return self._as_canonical_shape(out)
+                if out is not None:
+                    return out
                 steps = steps[-2:]
             for step in steps:
                 x = step(x, own)

@@ -92,6 +92,7 @@ class RowsGrad:
 
 
 GradBlock = DenseGrad | OuterGrad | RowsGrad
+BATCH_LAST_TRIAL = 8  # triples the first checked run tries the batch-innermost layout on
 DENSE_PAIRS = 16  # inner_pairs takes the dense product when the pairs fill at least 1/16 of the Na x Nb matrix
 
 
@@ -142,9 +143,14 @@ class GradientComputer:
         # come in another feature order (``any_layout``); ``v_order`` then says which, for the last call.
         self.feeds_cache: str | None = None
         self.v_order: dict[str, torch.Tensor] = {}
+        # For callers that project the blocks (``batch_last=True``), that encoder writes its output
+        # batch-innermost (``FoldedSequential.batch_last``): the cache module's ``v`` then has stride 1
+        # between rows, which its matmul reads as fast and the CountSketch 4x faster. Turned off for good
+        # by the first checked run if the model cannot take that layout or gives other blocks with it.
+        self.batch_last = True
 
     def __call__(self, triples: torch.Tensor, outputs: dict[str, torch.Tensor] | None = None,
-                 any_layout: bool = False) -> list[GradBlock]:
+                 any_layout: bool = False, batch_last: bool = False) -> list[GradBlock]:
         """Blocks for raw-id triples ``(B, 3) int64``.
 
         ``outputs`` maps the cache module's name to its stored output for these rows ``(R * B, out)``
@@ -152,11 +158,13 @@ class GradientComputer:
         ``any_layout`` (with ``outputs``): the caller only takes inner products of the blocks, with rows
         it permutes by ``v_order`` (the cache module -> canonical feature index of each ``v`` column,
         for this call), so the encoder feeding that module may skip its reorder to the canonical layout.
+        ``batch_last``: the caller projects the blocks (the build, test rows), so the cache module's ``v``
+        may come batch-innermost (see ``self.batch_last``); pair products want each row contiguous.
         """
-        blocks, _ = self._run(triples, check=False, stored=outputs, any_layout=any_layout)
+        blocks, _ = self._run(triples, check=False, stored=outputs, any_layout=any_layout, batch_last=batch_last)
         return blocks
 
-    def checked(self, triples: torch.Tensor, rtol: float = 1e-3) -> list[GradBlock]:
+    def checked(self, triples: torch.Tensor, rtol: float = 1e-3, batch_last: bool = False) -> list[GradBlock]:
         """Like ``__call__``, and verify that the blocks sum to the batch gradient of every parameter.
 
         Catches parameters used outside their module's forward (e.g. an entity table read whole by
@@ -177,11 +185,30 @@ class GradientComputer:
                     "1-N scoring); track other layers or use --loss bce"
                 )
         if self.folded:  # every row from the one path the later calls take: the same bytes however batches fall
-            blocks, _ = self._run(triples, check=False)
+            if self.batch_last and self.feeds_cache is not None:
+                self._try_batch_last(triples[:BATCH_LAST_TRIAL])
+            blocks, _ = self._run(triples, check=False, batch_last=batch_last and self.batch_last)
         return blocks
 
+    def _try_batch_last(self, few: torch.Tensor) -> None:
+        """Keep ``batch_last`` only if the model takes that layout and gives the same blocks with it
+        as without (tried on a few triples)."""
+        plain, _ = self._run(few, check=False)
+        try:
+            trial, _ = self._run(few, check=False, batch_last=True)
+        except RuntimeError:  # e.g. a view of the encoder's output that only contiguous memory allows
+            self.batch_last = False
+            return
+        for a, b in zip(plain, trial, strict=True):
+            pairs = [(a.u, b.u), (a.v, b.v)] if isinstance(a, OuterGrad) and isinstance(b, OuterGrad) else []
+            if isinstance(a, DenseGrad) and isinstance(b, DenseGrad):
+                pairs = [(a.values, b.values)]
+            if not all(_close(x, y) for x, y in pairs):
+                self.batch_last = False
+                return
+
     def _run(self, triples: torch.Tensor, check: bool, stored: dict[str, torch.Tensor] | None = None,
-             any_layout: bool = False) -> tuple[list[GradBlock], list[torch.Tensor | None]]:
+             any_layout: bool = False, batch_last: bool = False) -> tuple[list[GradBlock], list[torch.Tensor | None]]:
         model = self.model
         batch = triples.shape[0]
         rows, per = internal_rows(model, triples.to(self.device))
@@ -221,6 +248,7 @@ class GradientComputer:
             if not check:
                 for name, folded in self.folded.items():
                     folded.any_layout = name == layout_free
+                    folded.batch_last = batch_last and self.batch_last and name == self.feeds_cache
                     self.modules[name].forward = folded  # type: ignore[method-assign]
                     patched.append(name)
             for name, given in (stored or {}).items():
@@ -242,7 +270,7 @@ class GradientComputer:
             for name in patched:
                 del self.modules[name].forward  # the class's forward again
                 if name in self.folded:
-                    self.folded[name].any_layout = False
+                    self.folded[name].any_layout = self.folded[name].batch_last = False
             for t, f in zip(tracked_tensors, flags, strict=True):
                 t.requires_grad_(f)
         n_rows = rows.shape[0]
@@ -313,6 +341,15 @@ class GradientComputer:
             return DenseGrad(values=total.detach())
         per_row = torch.stack([_dense_rows(module, leaf, x, d) for x, d in calls]).sum(0)
         return DenseGrad(values=_to_examples(per_row.reshape(per_row.shape[0], 1, -1), batch, per).sum(1))
+
+
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Same shape and values up to float rounding; NaN/inf counts as close (a diverged model, which the caller reports)."""
+    if x.shape != y.shape:
+        return False
+    if x.numel() == 0 or not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+        return True
+    return torch.allclose(x, y, rtol=1e-4, atol=1e-6 * float(x.abs().max()) + 1e-12)
 
 
 def _dense_rows(module: nn.Module, leaf: str, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -485,13 +522,45 @@ def sq_norms(blocks: list[GradBlock]) -> torch.Tensor:
         if isinstance(blk, DenseGrad):
             part = (blk.values * blk.values).sum(1)
         elif isinstance(blk, OuterGrad):
-            part = (torch.einsum("rbo,sbo->brs", blk.u, blk.u) * torch.einsum("rbi,sbi->brs", blk.v, blk.v)).sum((1, 2))
+            part = (_row_grams(blk.u) * _row_grams(blk.v)).sum((1, 2))
         else:
             same = blk.index[:, :, None] == blk.index[:, None, :]
             part = (torch.einsum("brd,bsd->brs", blk.values, blk.values) * same).sum((1, 2))
         total = part if total is None else total + part
     assert total is not None
     return total
+
+
+GRAM_CHUNK = 256  # feature rows per step of _row_grams in the batch-innermost layout (in cache: 1 MiB per 1,024 rows)
+
+
+def _row_grams(x: torch.Tensor) -> torch.Tensor:
+    """``(B, R, R)``: ``x[r, b] . x[s, b]`` for ``x (R, B, f)``.
+
+    Features contiguous: one batched GEMM. Batch innermost (a ``batch_last`` encoder's output, where
+    a batched GEMM would read with stride ``R * B``): products accumulated over blocks of feature
+    rows in cache, each pair ``r <= s`` once (about 10 ms for ConvE's 2 x 1,024 x 10,368 on 2 cores).
+    """
+    r_, b_, f = x.shape
+    if x.stride(-1) == 1 or b_ == 0 or f == 0:
+        return torch.einsum("rbi,sbi->brs", x, x)
+    xt = x.permute(2, 0, 1)  # (f, R, B)
+    c = min(GRAM_CHUNK, f)
+    pairs = [(r, s) for r in range(r_) for s in range(r, r_)]
+    acc = x.new_zeros(len(pairs), c, b_)
+    full = f - f % c
+    for i in range(0, full, c):
+        blk = xt[i : i + c]
+        for j, (r, s) in enumerate(pairs):
+            acc[j].addcmul_(blk[:, r], blk[:, s])
+    sums = acc.sum(1)  # (pairs, B)
+    if full < f:
+        rest = xt[full:]
+        sums += torch.stack([(rest[:, r] * rest[:, s]).sum(0) for r, s in pairs])
+    out = x.new_empty(b_, r_, r_)
+    for j, (r, s) in enumerate(pairs):
+        out[:, r, s] = out[:, s, r] = sums[j]
+    return out
 
 
 def densify(blocks: list[GradBlock]) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .gradients import DenseGrad, GradBlock, OuterGrad, RowsGrad, TrackedParam, 
 __all__ = ["PROJECTIONS", "ProjectionSpec", "Projector", "make_projector", "hash64"]
 
 CHUNK = 1 << 15  # columns of P generated at once by the gaussian kind (part of its definition)
+SMALL_SKETCH = 1024  # up to this many columns, a CountSketch on the CPU is an index_add_ (measured faster)
 MAX_EXACT_DIM = 1 << 20  # refuse --projection none beyond this many tracked numbers per triple
 DEFAULT_MEMORY = 1 << 30  # bytes of cached gaussian chunks
 
@@ -139,28 +140,39 @@ class SketchProjector(Projector):
             self._cache[(j, mode)] = self._hashes(j, mode, torch.arange(n, device=self.device))
         return self._cache[(j, mode)]
 
-    def _matrix(self, j: int, mode: int, n: int) -> torch.Tensor:
-        """The sketch as a CSR matrix ``(n, k)``: row ``i`` holds ``sign[i]`` at column ``bucket[i]``."""
-        if (j, mode, -1) not in self._cache:
+    def _matrix(self, j: int, mode: int, n: int, transposed: bool = False) -> torch.Tensor:
+        """The sketch as a CSR matrix ``(n, k)``: row ``i`` holds ``sign[i]`` at column ``bucket[i]``;
+        ``transposed``: the same as ``(k, n)``, each row's columns ascending."""
+        key = (j, mode, -2 if transposed else -1)
+        if key not in self._cache:
             bucket, sign = self._fixed(j, mode, n)
+            coords = [torch.arange(n, device=bucket.device), bucket]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                csr = torch.sparse_coo_tensor(torch.stack([torch.arange(n, device=bucket.device), bucket]), sign,
-                                              (n, self.k), check_invariants=True).to_sparse_csr()
-            self._cache[(j, mode, -1)] = (csr, sign)
-        return self._cache[(j, mode, -1)][0]
+                csr = torch.sparse_coo_tensor(torch.stack(coords[::-1] if transposed else coords), sign,
+                                              (self.k, n) if transposed else (n, self.k),
+                                              check_invariants=True).coalesce().to_sparse_csr()
+            self._cache[key] = (csr, sign)
+        return self._cache[key][0]
 
     def _countsketch(self, x: torch.Tensor, j: int, mode: int) -> torch.Tensor:
         """``x (..., n) -> (..., k)``, along the last axis whatever the strides.
 
-        On the CPU a dense x CSR product (23% faster than ``index_add_`` along the last axis for ConvE's
-        10,368 columns, no signed copy of ``x``; the same bytes for any thread count or batch split).
+        On the CPU, from ``SMALL_SKETCH`` columns, a sparse product (no signed copy of ``x``; the same bytes for
+        any thread count or batch split): dense x CSR (23% faster than ``index_add_`` along the last axis
+        for ConvE's 10,368 columns), or CSR x dense when ``x``'s rows come batch-innermost (a
+        ``batch_last`` encoder's output; 5 against 20 ms for 2,048 such rows). Narrower blocks (biases,
+        BatchNorm, a Linear's output side) take ``index_add_``: 0.3 against 1.0 ms for 1,024 x 200.
         """
         n = x.shape[-1]
-        if x.device.type == "cpu" and x.dtype == torch.float32:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and n > SMALL_SKETCH:
+            flat = x.reshape(-1, n)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                return (x.reshape(-1, n) @ self._matrix(j, mode, n)).reshape(*x.shape[:-1], self.k)
+                if flat.shape[0] > 1 and flat.T.is_contiguous():  # rows batch-innermost (a batch_last encoder's)
+                    out = torch.sparse.mm(self._matrix(j, mode, n, transposed=True), flat.T)  # (k, rows)
+                    return out.T.contiguous().reshape(*x.shape[:-1], self.k)  # the FFT reads rows
+                return (flat @ self._matrix(j, mode, n)).reshape(*x.shape[:-1], self.k)
         bucket, sign = self._fixed(j, mode, n)
         out = torch.zeros(*x.shape[:-1], self.k, device=x.device, dtype=x.dtype)
         out.index_add_(x.dim() - 1, bucket, x * sign)

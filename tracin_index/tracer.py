@@ -104,17 +104,18 @@ class Tracer:
             self._loaded = c
 
     def gradients(self, triples: torch.Tensor, c: int, outputs: dict[str, torch.Tensor] | None = None,
-                  any_layout: bool = False) -> list[GradBlock]:
+                  any_layout: bool = False, batch_last: bool = False) -> list[GradBlock]:
         """Blocks of checkpoint ``c`` for raw-id triples ``(B, 3) int64``; the first call checks coverage
-        (and finds the cache module). ``outputs`` and ``any_layout``: as ``GradientComputer.__call__``
-        takes them; ignored by the checking call, and ``outputs`` for any other module."""
+        (and finds the cache module). ``outputs``, ``any_layout`` and ``batch_last``: as
+        ``GradientComputer.__call__`` takes them; ``outputs`` and ``any_layout`` ignored by the checking
+        call, and ``outputs`` for any other module."""
         self.use_checkpoint(c)
         if not self._checked:
             self._checked = True
-            return self.computer.checked(triples)
+            return self.computer.checked(triples, batch_last=batch_last)
         if outputs is not None and set(outputs) != {self.computer.cache_module}:
             outputs = None
-        return self.computer(triples, outputs, any_layout=any_layout)
+        return self.computer(triples, outputs, any_layout=any_layout, batch_last=batch_last)
 
     def activation_cache(self, probe: torch.Tensor) -> dict[str, Any] | None:
         """The layer whose outputs a build can store for the re-rank (see ``GradientComputer.cache_module``):
@@ -138,7 +139,8 @@ class Tracer:
             proj, sq, blocks_c, acts_c = [], [], [], []
             for start in range(0, triples.shape[0], batch_size):
                 t0 = self._mark()
-                blocks = self.gradients(triples[start : start + batch_size], c)
+                # projected rows: v may come batch-innermost; kept blocks feed pair products, which want rows
+                blocks = self.gradients(triples[start : start + batch_size], c, batch_last=not keep_blocks)
                 t1 = self._mark()
                 proj.append(self.projector(blocks) * math.sqrt(ckpt.lr))
                 t2 = self._mark()
