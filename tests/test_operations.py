@@ -459,3 +459,30 @@ def test_torn_done_flag_is_redone(conve_inverse: Trained, reference: Path, tmp_p
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
     assert _array_bytes(resolve(out)) == _array_bytes(resolve(reference))
+
+
+def test_per_row_values_are_checked_block_by_block(conve_inverse: Trained, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify reads the narrow per-row arrays a block at a time (memory flat in N) and still finds a training
+    position that steps back across a block boundary, an id outside the label tables and a self-influence
+    that disagrees with the norms, each named once."""
+    import tracin_index.verify as verify_module
+
+    out = tmp_path / "idx"
+    bundle = load_model(conve_inverse.directory)
+    build_index(bundle, out, checkpoints=conve_inverse.checkpoints,
+                config=BuildConfig(projection=ProjectionSpec("sparse", 64), unit_rows=400))
+    monkeypatch.setattr(verify_module, "VERIFY_BLOCK_ROWS", 400)  # four blocks of one unit each
+    store = Store.open(out, complete=False)
+    assert store.num_rows > 1200 and verify_module.verify_rows(store) == []
+    ti = store.array("train_index")
+    ti[800] = int(ti[799])  # the third block starts where the second ended: only the boundary shows it
+    num_e = store.array("entity_labels").shape[0]
+    triples = store.array("triples")
+    triples[1300, 2] = num_e
+    si = store.array("self_influence")
+    si[500] = float(si[500]) * 2 + 1.0
+    problems = verify_module.verify_rows(Store.open(out, complete=False))
+    assert sorted(problems) == ["array 'self_influence' disagrees with 'norms' and the learning rates",
+                                "array 'train_index' is not increasing within the training triples",
+                                "array 'triples' holds ids outside the label tables"]

@@ -118,8 +118,8 @@ class Store:
                                      serializer=VLenUTF8Codec(), compressors=[Crc32cCodec()], filters=None,
                                      config={"write_empty_chunks": True})
             arr[:] = np.asarray(labels, dtype=object)
-        _arr(group, "triples")[:] = triples.astype(np.int64)
-        _arr(group, "train_index")[:] = train_index.astype(np.int64)
+        _arr(group, "triples")[:] = np.asarray(triples, dtype=np.int64)  # no copy when already int64
+        _arr(group, "train_index")[:] = np.asarray(train_index, dtype=np.int64)
         group.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "num_rows": n, "width": width,
                             "unit_rows": unit_rows, "num_units": units, "status": "building"})
         return cls(path, group)
