@@ -201,3 +201,19 @@ def test_batch_last_layout_is_kept_only_where_the_model_takes_it(consume: str, k
     assert (v.stride(-1) != 1) == kept  # batch innermost exactly when kept
     for blocks in (first, later, computer(triples)):
         assert torch.allclose(densify(blocks), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("r", "b", "f"), [(1, 5, 300), (2, 7, 600), (3, 4, 256), (2, 1, 10)])
+def test_norms_of_batch_innermost_rows_equal_the_plain_sum(r: int, b: int, f: int) -> None:
+    """Squared gradient norms from ``v`` laid out batch-innermost (feature blocks of GRAM_CHUNK and a partial
+    last block) equal the same sums over a contiguous copy, float64 as the truth."""
+    from tracin_index.gradients import OuterGrad, sq_norms
+
+    gen = torch.Generator().manual_seed(5)
+    u = torch.randn(r, b, 3, generator=gen)
+    memory = torch.randn(f, r, b, generator=gen)  # features outermost, batch innermost
+    v = memory.permute(1, 2, 0)  # (R, B, f) view
+    assert v.stride(-1) != 1 or b == 1
+    got = sq_norms([OuterGrad(u=u, v=v)])
+    g = torch.einsum("rbo,rbi->boi", u.double(), v.double()).reshape(b, -1)  # the per-triple gradient itself
+    assert torch.allclose(got.double(), (g * g).sum(1), rtol=1e-5)

@@ -168,7 +168,9 @@ class GradientComputer:
         """Like ``__call__``, and verify that the blocks sum to the batch gradient of every parameter.
 
         Catches parameters used outside their module's forward (e.g. an entity table read whole by
-        1-N scoring), whose per-triple gradients hooks cannot see.
+        1-N scoring), whose per-triple gradients hooks cannot see. Then finds the encoders to fold, tries
+        the batch-innermost layout on a few triples (``self.batch_last``), and returns the blocks of the
+        path later calls take (``batch_last`` as in ``__call__``).
         """
         blocks, batch_grads = self._run(triples, check=True)
         for param, block, full in zip(self.tracked, blocks, batch_grads, strict=True):
