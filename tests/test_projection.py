@@ -130,3 +130,31 @@ def test_projection_matrix_is_device_independent(conve_inverse: Trained) -> None
     cpu = GaussianProjector(ProjectionSpec("gaussian", 64, 1), tracked, torch.device("cpu"), 1 << 26)
     gpu = GaussianProjector(ProjectionSpec("gaussian", 64, 1), tracked, torch.device("cuda"), 1 << 26)
     assert torch.equal(cpu.chunk(0, 0), gpu.chunk(0, 0).cpu())
+
+
+@pytest.mark.parametrize(("n", "batch_innermost"), [(3000, True), (3000, False), (200, False)])
+def test_countsketch_same_bytes_for_any_thread_count_or_batch_split(n: int, batch_innermost: bool) -> None:
+    """Each CPU kernel of the CountSketch (CSR x dense for batch-innermost rows, dense x CSR, index_add_ for
+    narrow blocks) gives every row the same bytes with 1 or 2 threads and whatever rows share its call;
+    and the kernels agree with a plain sum of signed columns per bucket."""
+    proj = SketchProjector(ProjectionSpec("sparse", 64, 3), [], torch.device("cpu"), 0)
+    memory = torch.randn(n, 300, generator=torch.Generator().manual_seed(1))
+
+    def rows(lo: int, hi: int) -> torch.Tensor:  # rows lo:hi, laid out as the case says
+        return memory[:, lo:hi].contiguous().T if batch_innermost else memory[:, lo:hi].T.contiguous()
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        whole = proj._countsketch(rows(0, 300), 0, 1)
+        torch.set_num_threads(1)
+        single = proj._countsketch(rows(0, 300), 0, 1)
+    finally:
+        torch.set_num_threads(threads)
+    split = torch.cat([proj._countsketch(rows(0, 113), 0, 1), proj._countsketch(rows(113, 300), 0, 1)])
+    assert rows(0, 300).T.is_contiguous() == batch_innermost
+    assert torch.equal(whole, single) and torch.equal(whole, split)
+    bucket, sign = proj._fixed(0, 1, n)
+    x = rows(0, 300).double()
+    truth = torch.stack([(x[:, bucket == b] * sign[bucket == b].double()).sum(1) for b in range(64)], dim=1)
+    assert torch.allclose(whole.double(), truth, rtol=1e-5, atol=1e-5)
