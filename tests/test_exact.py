@@ -206,7 +206,7 @@ def test_batch_last_layout_is_kept_only_where_the_model_takes_it(consume: str, k
 @pytest.mark.parametrize(("r", "b", "f"), [(1, 5, 300), (2, 7, 600), (3, 4, 256), (2, 1, 10)])
 def test_norms_of_batch_innermost_rows_equal_the_plain_sum(r: int, b: int, f: int) -> None:
     """Squared gradient norms from ``v`` laid out batch-innermost (feature blocks of GRAM_CHUNK and a partial
-    last block) equal the same sums over a contiguous copy, float64 as the truth."""
+    last block) equal those of the per-triple gradient itself, in float64."""
     from tracin_index.gradients import OuterGrad, sq_norms
 
     gen = torch.Generator().manual_seed(5)

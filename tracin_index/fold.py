@@ -226,10 +226,8 @@ class FoldedSequential:
                     x = step(x, own)
                     own = True
                 out = tail.relu_any_layout(x) if self.any_layout else tail.relu_batch_last(x)
-                if out is not None and self.any_layout:
-                    return self._as_canonical_shape(out)
                 if out is not None:
-                    return out
+                    return self._as_canonical_shape(out) if self.any_layout else out
                 steps = steps[-2:]
             for step in steps:
                 x = step(x, own)

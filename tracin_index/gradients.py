@@ -186,7 +186,7 @@ class GradientComputer:
                     "the parameter is used outside its layer's per-row forward (e.g. the whole entity table in "
                     "1-N scoring); track other layers or use --loss bce"
                 )
-        if self.folded:  # every row from the one path the later calls take: the same bytes however batches fall
+        if self.folded:  # these rows from the path later calls take (folded, in the caller's layout)
             if self.batch_last and self.feeds_cache is not None:
                 self._try_batch_last(triples[:BATCH_LAST_TRIAL])
             blocks, _ = self._run(triples, check=False, batch_last=batch_last and self.batch_last)
@@ -201,13 +201,9 @@ class GradientComputer:
         except RuntimeError:  # e.g. a view of the encoder's output that only contiguous memory allows
             self.batch_last = False
             return
-        for a, b in zip(plain, trial, strict=True):
-            pairs = [(a.u, b.u), (a.v, b.v)] if isinstance(a, OuterGrad) and isinstance(b, OuterGrad) else []
-            if isinstance(a, DenseGrad) and isinstance(b, DenseGrad):
-                pairs = [(a.values, b.values)]
-            if not all(_close(x, y) for x, y in pairs):
-                self.batch_last = False
-                return
+        if not all(_close(x, y) for a, b in zip(plain, trial, strict=True)
+                   for x, y in zip(_tensors(a), _tensors(b), strict=True)):
+            self.batch_last = False
 
     def _run(self, triples: torch.Tensor, check: bool, stored: dict[str, torch.Tensor] | None = None,
              any_layout: bool = False, batch_last: bool = False) -> tuple[list[GradBlock], list[torch.Tensor | None]]:
@@ -343,6 +339,12 @@ class GradientComputer:
             return DenseGrad(values=total.detach())
         per_row = torch.stack([_dense_rows(module, leaf, x, d) for x, d in calls]).sum(0)
         return DenseGrad(values=_to_examples(per_row.reshape(per_row.shape[0], 1, -1), batch, per).sum(1))
+
+
+def _tensors(block: GradBlock) -> list[torch.Tensor]:
+    if isinstance(block, OuterGrad):
+        return [block.u, block.v]
+    return [block.values] if isinstance(block, DenseGrad) else [block.index, block.values]
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -540,8 +542,8 @@ def _row_grams(x: torch.Tensor) -> torch.Tensor:
     """``(B, R, R)``: ``x[r, b] . x[s, b]`` for ``x (R, B, f)``.
 
     Features contiguous: one batched GEMM. Batch innermost (a ``batch_last`` encoder's output, where
-    a batched GEMM would read with stride ``R * B``): products accumulated over blocks of feature
-    rows in cache, each pair ``r <= s`` once (about 10 ms for ConvE's 2 x 1,024 x 10,368 on 2 cores).
+    a batched GEMM would read with stride ``R * B``): products accumulated over blocks of
+    ``GRAM_CHUNK`` feature rows in cache, each pair ``r <= s`` once (about 10 ms for ConvE's 2 x 1,024 x 10,368 on 2 cores).
     """
     r_, b_, f = x.shape
     if x.stride(-1) == 1 or b_ == 0 or f == 0:
@@ -550,15 +552,11 @@ def _row_grams(x: torch.Tensor) -> torch.Tensor:
     c = min(GRAM_CHUNK, f)
     pairs = [(r, s) for r in range(r_) for s in range(r, r_)]
     acc = x.new_zeros(len(pairs), c, b_)
-    full = f - f % c
-    for i in range(0, full, c):
+    for i in range(0, f, c):
         blk = xt[i : i + c]
         for j, (r, s) in enumerate(pairs):
-            acc[j].addcmul_(blk[:, r], blk[:, s])
+            acc[j, : len(blk)].addcmul_(blk[:, r], blk[:, s])
     sums = acc.sum(1)  # (pairs, B)
-    if full < f:
-        rest = xt[full:]
-        sums += torch.stack([(rest[:, r] * rest[:, s]).sum(0) for r, s in pairs])
     out = x.new_empty(b_, r_, r_)
     for j, (r, s) in enumerate(pairs):
         out[:, r, s] = out[:, s, r] = sums[j]

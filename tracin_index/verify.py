@@ -32,9 +32,10 @@ class VerifyReport:
         return not self.problems
 
 
-def _read_all(store: Store, name: str, problems: list[str]) -> np.ndarray | None:
+def _read_all(store: Store, name: str, problems: list[str], start: int = 0, stop: int | None = None) -> np.ndarray | None:
+    """Rows ``start:stop`` of ``name`` (all by default), or None with the checksum problem added."""
     try:
-        return store.read(name)
+        return store.read(name, start, stop)
     except StoreError as exc:
         problems.append(str(exc).split(": ", 1)[-1])
         return None
@@ -92,7 +93,7 @@ def _check_per_row(store: Store, problems: list[str]) -> None:
     lrs = np.array([c["lr"] for c in a.get("checkpoints", [])], dtype=np.float64)
     unit = max(1, int(a.get("unit_rows", 1)))
     block = max(unit, VERIFY_BLOCK_ROWS // unit * unit)
-    unreadable: set[str] = set()
+    unreadable: list[str] = []
     found: list[str] = []
 
     def problem(message: str) -> None:
@@ -101,16 +102,13 @@ def _check_per_row(store: Store, problems: list[str]) -> None:
 
     previous = -1  # the last training position of the block before
     for start in range(0, n, block):
-        stop = min(n, start + block)
         got: dict[str, np.ndarray] = {}
         for name in ("train_index", "triples", "norms", "self_influence"):
-            if name in unreadable:
-                continue
-            try:
-                got[name] = store.read(name, start, stop)
-            except StoreError as exc:
-                unreadable.add(name)
-                problem(str(exc).split(": ", 1)[-1])
+            part = None if name in unreadable else _read_all(store, name, found, start, min(n, start + block))
+            if part is None:
+                unreadable.append(name)  # its checksum problem is reported once
+            else:
+                got[name] = part
         ti = got.get("train_index")
         if ti is not None and len(ti):
             if ti[0] <= previous or ti[-1] >= num_train or bool(np.any(np.diff(ti) <= 0)):
