@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model, open_index
-from tracin_index.model import select_parameters
+from tracin_index.gradients import OuterGrad
+from tracin_index.model import internal_rows, select_parameters
 
 from .conftest import Trained, exact_ends, reference_gradients
 
@@ -94,9 +95,13 @@ def test_exact_mode_equals_autograd_loop(fixture: str, layers: str, loss: str, r
     # ... and, for projected rows (the build's, these stored ones), writes its output batch-innermost
     computer = index.tracer.computer
     assert (computer.feeds_cache == "interaction.hr2d" and computer.batch_last) == folded
+    # ... and runs it (and the Linear) once per distinct (head, relation) input: Nations' training rows share them
+    assert computer.share_rows == folded
     if folded:
         v = index.tracer.gradients(test, 0, batch_last=True)[0].v  # type: ignore[union-attr]
         assert v.stride(-1) != 1 and v.permute(2, 0, 1).is_contiguous()  # memory (features, R, B)
+        train_blk = index.tracer.gradients(bundle.triples.mapped[:256], 0, batch_last=True)[0]
+        assert isinstance(train_blk, OuterGrad) and train_blk.index is not None and computer.last_distinct < 0.75
     cached = dict(index.tracer.model.named_modules()).get("interaction.hr1d.0")
     if cached is not None:  # ConvE: the stored outputs stand in for the layer's matmul exactly when cached
         assert any(m is cached for m in linear_calls) == (not cacheable)
@@ -170,6 +175,10 @@ class _ConvToy(torch.nn.Module):
             flat = z.view(n, -1)
         elif self.consume == "view all":  # only contiguous memory allows this view
             flat = z.view(-1).view(n, -1)
+        elif self.consume == "rows":  # a row per internal row: the model's own batch size
+            flat = z.reshape(rows.shape[0], -1)
+        elif self.consume == "plus input":  # the encoder's output beside another per-row tensor
+            flat = z.view(n, -1) + x.reshape(x.shape[0], -1)
         else:  # reads the memory as if it were contiguous: other values in another layout
             flat = z.as_strided((n, z[0].numel()), (z[0].numel(), 1))
         return self.lin(flat).sum(1, keepdim=True)
@@ -186,7 +195,8 @@ def test_batch_last_layout_is_kept_only_where_the_model_takes_it(consume: str, k
     model = _ConvToy(consume).eval()
     names = ["lin.weight", "lin.bias"]
     computer = GradientComputer(model, describe_parameters(model, names), get_loss("bce"))
-    triples = torch.tensor([[i % 10, 0, (3 * i + 1) % 10] for i in range(12)])
+    # every row's encoder input distinct (emb(h) * emb(t): no pair {h, t} twice), so no row shares it
+    triples = torch.tensor([[i, 0, (i + 1) % 10] for i in range(10)] + [[0, 0, 3], [1, 0, 4]])
     ref = []
     for row in triples:
         loss = torch.nn.functional.softplus(-model.score_hrt(row[None])).sum()
@@ -203,6 +213,124 @@ def test_batch_last_layout_is_kept_only_where_the_model_takes_it(consume: str, k
         assert torch.allclose(densify(blocks), expected, rtol=1e-4, atol=1e-5)
 
 
+def _autograd_rows(model: torch.nn.Module, triples: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """Per-triple gradients of the bce loss over the triple's internal rows, one autograd call per triple."""
+    params = dict(model.named_parameters())
+    ref = []
+    for row in triples:
+        rows, _ = internal_rows(model, row[None])
+        loss = torch.nn.functional.softplus(-model.score_hrt(rows)).sum()  # type: ignore[operator]
+        ref.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [params[n] for n in names])]))
+    return torch.stack(ref)
+
+
+def _twins(inverse: bool) -> torch.Tensor:
+    """18 triples whose rows have 6 distinct encoder inputs (the toy's input is emb(h) * emb(t), so (h, t) and
+    (t, h) give the same one), each three times."""
+    base = [[i, 0, (i + 1) % 10] for i in range(6)]
+    return torch.tensor(base + [[t, 1 if inverse else 0, h] for h, _, t in base] + base)
+
+
+@pytest.mark.parametrize(("consume", "kept"), [("view", True), ("as_strided", True), ("rows", False), ("plus input", False)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rows_share_their_encoder_input_only_where_the_model_takes_it(consume: str, kept: bool, inverse: bool) -> None:
+    """The first checked run tries sharing rows with the same encoder input (each twice): kept when the model
+    takes the encoder's distinct rows and gives the same blocks, dropped when it needs a row per internal row.
+    Either way, in either layout, the blocks equal a plain autograd loop."""
+    from tracin_index.gradients import GradientComputer, densify, describe_parameters
+    from tracin_index.losses import get_loss
+
+    model = _ConvToy(consume).eval()
+    model.use_inverse_triples = inverse
+    names = ["lin.weight", "lin.bias"]
+    computer = GradientComputer(model, describe_parameters(model, names), get_loss("bce"))
+    triples = _twins(inverse)
+    expected = _autograd_rows(model, triples, names)
+    first = computer.checked(triples, batch_last=True)
+    assert computer.share_rows == kept
+    for batch_last in (True, False):
+        blocks = computer(triples, batch_last=batch_last)
+        blk = blocks[0]
+        assert isinstance(blk, OuterGrad) and (blk.index is not None) == kept
+        if kept:
+            assert blk.index is not None and blk.v.shape[0] == 6 and blk.index.shape == (2 if inverse else 1, 18)
+            assert computer.last_distinct == pytest.approx(6 / (36 if inverse else 18))
+        assert torch.allclose(densify(blocks), expected, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(densify(first), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_shared_rows_give_the_same_products_norms_and_projections(inverse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every consumer of blocks with shared ``v`` rows (inner products, pair products on both paths, norms,
+    both projections, concat, select) equals the same blocks with a row each, against float64 truth."""
+    import tracin_index.gradients as G
+    from tracin_index.gradients import (
+        GradientComputer,
+        concat,
+        densify,
+        describe_parameters,
+        inner,
+        inner_pairs,
+        select,
+        sq_norms,
+    )
+    from tracin_index.losses import get_loss
+    from tracin_index.projection import ProjectionSpec, make_projector
+
+    model = _ConvToy("view").eval()
+    model.use_inverse_triples = inverse
+    tracked = describe_parameters(model, ["lin.weight", "lin.bias"])
+    computer = GradientComputer(model, tracked, get_loss("bce"))
+    triples = _twins(inverse)
+    computer.checked(triples)
+    shared = computer(triples)
+    assert isinstance(shared[0], OuterGrad) and shared[0].index is not None
+    plain = [OuterGrad(b.u, b.full_v()) if isinstance(b, OuterGrad) else b for b in shared]
+    dense = densify(plain).double()
+    assert torch.allclose(densify(shared).double(), dense)
+    assert torch.allclose(sq_norms(shared).double(), (dense * dense).sum(1), rtol=1e-5)
+    gram = dense @ dense.T
+    for a, b in ((shared, shared), (plain, shared), (shared, plain)):
+        assert torch.allclose(inner(a, b).double(), gram, rtol=1e-5, atol=1e-6 * float(gram.abs().max()))
+    gen = torch.Generator().manual_seed(6)
+    ia, ib = torch.randint(18, (40,), generator=gen), torch.randint(18, (40,), generator=gen)
+    for dense_pairs in (1 << 20, 0):  # every pair matrix dense / every one sampled
+        monkeypatch.setattr(G, "DENSE_PAIRS", dense_pairs)
+        for a, b in ((shared, shared), (plain, shared), (shared, plain), (plain, plain)):
+            got = inner_pairs(a, b, ia, ib).double()
+            assert torch.allclose(got, gram[ia, ib], rtol=1e-5, atol=1e-6 * float(gram.abs().max()))
+    for kind in ("sparse", "gaussian"):
+        projector = make_projector(ProjectionSpec(kind=kind, dim=64, seed=3), tracked, torch.device("cpu"))
+        assert torch.allclose(projector(shared), projector(plain), rtol=1e-5, atol=1e-5)
+    both = concat([shared, plain, shared])
+    assert torch.allclose(densify(both).double(), torch.cat([dense, dense, dense]))
+    pick = torch.tensor([17, 0, 5, 5])
+    assert torch.allclose(densify(select(shared, pick)).double(), dense[pick])
+
+
+def test_distinct_rows_groups_equal_rows_and_never_merges_different_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal rows are grouped (checked against ``torch.unique(dim=0)``); a batch with too few repeats, rows that are
+    not one per internal row, a NaN, or two different rows with equal keys make it decline."""
+    import tracin_index.gradients as G
+
+    gen = torch.Generator().manual_seed(7)
+    distinct = torch.randn(4, 2, 3, generator=gen)
+    pick = torch.tensor([0, 1, 0, 2, 1, 0, 3, 3])
+    x = distinct[pick]
+    found = G._distinct_rows(x, 8)
+    assert found is not None
+    rows, index = found
+    assert torch.equal(rows[index], x) and rows.shape == (4, 2, 3)
+    assert rows.shape[0] == torch.unique(x.reshape(8, -1), dim=0).shape[0]
+    assert G._distinct_rows(x, 9) is None  # not the model's rows
+    assert G._distinct_rows(distinct[torch.tensor([0, 1, 2, 3, 0])], 5) is None  # 4 of 5 distinct: not worth it
+    with_nan = x.clone()
+    with_nan[0, 0, 0] = with_nan[2, 0, 0] = float("nan")
+    assert G._distinct_rows(with_nan, 8) is None
+    monkeypatch.setitem(G._KEY_WEIGHTS, (6, x.device), torch.zeros(6, dtype=torch.float64))  # every key equal
+    assert G._distinct_rows(x, 8) is None
+
+
 @pytest.mark.parametrize(("r", "b", "f"), [(1, 5, 300), (2, 7, 600), (3, 4, 256), (2, 1, 10)])
 def test_norms_of_batch_innermost_rows_equal_the_plain_sum(r: int, b: int, f: int) -> None:
     """Squared gradient norms from ``v`` laid out batch-innermost (feature blocks of GRAM_CHUNK and a partial
@@ -217,3 +345,10 @@ def test_norms_of_batch_innermost_rows_equal_the_plain_sum(r: int, b: int, f: in
     got = sq_norms([OuterGrad(u=u, v=v)])
     g = torch.einsum("rbo,rbi->boi", u.double(), v.double()).reshape(b, -1)  # the per-triple gradient itself
     assert torch.allclose(got.double(), (g * g).sum(1), rtol=1e-5)
+    # the same rows shared (two internal rows per distinct input), in either layout of the distinct rows
+    distinct = torch.randn(f, 3, generator=gen)  # 3 distinct rows, batch innermost
+    index = torch.randint(3, (r, b), generator=gen)
+    for rows in (distinct.T, distinct.T.contiguous()):
+        got = sq_norms([OuterGrad(u=u, v=rows, index=index)])
+        g = torch.einsum("rbo,rbi->boi", u.double(), rows.double()[index]).reshape(b, -1)
+        assert torch.allclose(got.double(), (g * g).sum(1), rtol=1e-5)

@@ -186,6 +186,8 @@ class SketchProjector(Projector):
             elif isinstance(blk, OuterGrad):
                 cu = torch.fft.rfft(self._countsketch(blk.u, j, 0), n=self.k)
                 cv = torch.fft.rfft(self._countsketch(blk.v, j, 1), n=self.k)
+                if blk.index is not None:  # sketched once per distinct row, then handed to each row
+                    cv = cv[blk.index]
                 part = torch.fft.irfft((cu * cv).sum(0), n=self.k)
             else:
                 b, _, d = blk.values.shape
@@ -260,13 +262,15 @@ class GaussianProjector(Projector):
     def _outer(self, blk: OuterGrad, j: int, n: int, chunks: range) -> torch.Tensor:
         r, b, _ = blk.u.shape
         u = blk.u.reshape(r * b, -1)
-        v = blk.v.reshape(r * b, -1)
+        v, index = (blk.v.reshape(r * b, -1), None) if blk.index is None else (blk.v, blk.index.reshape(-1))
         out = torch.zeros(b * r, self.k, device=u.device)
         for c in chunks:
             pc = self.chunk(j, c)
             rows_c = pc.shape[1] // v.shape[1]
             # (b*r, in) @ (in, k * rows_c) -> (b*r, k, rows_c), weighted by u's rows of this chunk
-            t = (v @ pc.reshape(self.k * rows_c, v.shape[1]).T).reshape(b * r, self.k, rows_c)
+            t = (v @ pc.reshape(self.k * rows_c, v.shape[1]).T).reshape(v.shape[0], self.k, rows_c)
+            if index is not None:  # once per distinct row of v
+                t = t[index]
             out += (t * u[:, None, c * n : c * n + rows_c]).sum(-1)
         return out.reshape(r, b, self.k).sum(0)
 

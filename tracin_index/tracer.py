@@ -34,6 +34,7 @@ from .projection import DEFAULT_MEMORY, ProjectionSpec, make_projector
 __all__ = ["Rows", "Tracer"]
 
 ANY_LAYOUT_FLOATS = 1 << 24  # test v columns (64 MiB) up to which exact_pairs permutes them for the candidates' order
+SHARED_GROWTH = 4  # exact_pairs' batches grow up to this many times batch_size while the rows share their inputs
 
 
 @dataclass
@@ -225,7 +226,7 @@ class Tracer:
         for p, blk in zip(self.tracked, blocks, strict=True):
             perm = order.get(p.module)
             if perm is not None and isinstance(blk, OuterGrad):
-                blk = OuterGrad(blk.u, blk.v[..., perm.to(blk.v.device)])
+                blk = OuterGrad(blk.u, blk.v[..., perm.to(blk.v.device)], blk.index)
             out.append(blk)
         return out
 
@@ -254,18 +255,25 @@ class Tracer:
         total = torch.zeros(n_pairs)
         if n_pairs == 0:
             return total
-        bounds = torch.searchsorted(pair_train, torch.arange(0, len(train) + batch_size, batch_size)).tolist()
         # a few tests: their v columns are cheap to permute, so the candidates' encoder may skip its reorder
         test_floats = sum(blk.v.numel() for blocks in test_blocks for blk in blocks if isinstance(blk, OuterGrad))
         any_layout = train_acts is not None and test_floats <= ANY_LAYOUT_FLOATS
         for c, ckpt in enumerate(self.checkpoints):
             permuted: dict[int, list[GradBlock]] = {}  # test blocks in a candidate batch's feature order
-            for b, s in enumerate(range(0, len(train), batch_size)):
-                lo, hi = bounds[b], bounds[b + 1]
+            start, size = 0, batch_size
+            while start < len(train):
+                s, e = start, min(len(train), start + size)
+                start = e
+                lo, hi = torch.searchsorted(pair_train, torch.tensor([s, e])).tolist()
                 if lo == hi:
                     continue
                 pt, pr = pair_test[lo:hi], pair_train[lo:hi] - s
-                train_blocks = self._train_gradients(train[s : s + batch_size], c, s, train_acts, any_layout)
+                train_blocks = self._train_gradients(train[s:e], c, s, train_acts, any_layout)
+                # Rows that share their encoder input (GradientComputer.share_rows) cost only their distinct
+                # rows: the next batch takes up to 1.5x the rows' worth of distinct inputs, which shares more
+                # (UMLS, re-rank of 100 tests: 0.27 -> 0.21 s from 512 to 2,048 triples). Unshared: batch_size.
+                distinct = self.computer.last_distinct
+                size = batch_size * (1 if distinct >= 1.0 else max(1, min(SHARED_GROWTH, int(1.5 / distinct))))
                 mine = test_blocks[c]
                 if self.computer.v_order:
                     key = id(next(iter(self.computer.v_order.values())))
