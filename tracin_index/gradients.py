@@ -14,6 +14,7 @@ exact squared norms; :func:`densify` the flat vectors (for small models and test
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,10 +201,11 @@ class GradientComputer:
         for param, block, full in zip(self.tracked, blocks, batch_grads, strict=True):
             mine = _sum_over_batch(block, param)
             ref = full if full is not None else torch.zeros_like(mine)
-            if not (bool(torch.isfinite(mine).all()) and bool(torch.isfinite(ref).all())):
+            err = (mine - ref).abs().max().item()  # NaN or inf when either holds one (max propagates NaN)
+            scale = ref.abs().max().item()
+            if not (math.isfinite(err) and math.isfinite(scale)):
                 break  # NaN/inf: reported as a diverged model by the caller, not as a coverage problem
-            err = (mine - ref).abs().max().item()
-            scale = max(ref.abs().max().item(), 1e-12)
+            scale = max(scale, 1e-12)
             if not err <= rtol * scale + 1e-7:
                 raise InputError(
                     f"per-triple gradients of {param.name} cannot be captured with loss {self.loss.name!r}: "
@@ -618,7 +620,9 @@ def inner_pairs(a: list[GradBlock], b: list[GradBlock], ia: torch.Tensor, ib: to
     total = torch.zeros(n_pairs, device=dev)
     for x, y in zip(a, b, strict=True):
         if isinstance(x, DenseGrad) and isinstance(y, DenseGrad):
-            if x.values.shape[1] <= 1024:
+            if dense:  # one small GEMM instead of gathering both sides per pair (UMLS re-rank: 25 ms -> 1)
+                total += (x.values @ y.values.T)[sa, sb]
+            elif x.values.shape[1] <= 1024:
                 total += (x.values[sa] * y.values[sb]).sum(1)
             else:
                 total += dots(x.values[None], y.values)[0, :, 0]

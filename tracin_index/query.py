@@ -219,6 +219,12 @@ def _reciprocal(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _sorted_distinct(a: np.ndarray) -> np.ndarray:
+    """``np.unique(a)`` by a sort: numpy 2's ``unique`` hashes first (12 ms against 0.6 for 60,000 int64)."""
+    a = np.sort(a, axis=None)
+    return a[np.r_[True, a[1:] != a[:-1]]] if len(a) else a
+
+
 def _ranked(values: np.ndarray, ids: np.ndarray, sign: float, k: int) -> list[tuple[float, int]]:
     """The ``k`` places with ``sign * value > 0``, largest ``sign * value`` first, ties by row: ``(value, row)``."""
     keep = (ids >= 0) & (values * sign > 0)
@@ -433,7 +439,7 @@ class TracinIndex:
         """
         m = pi.shape[0]
         cand = np.concatenate([pi, oi], axis=1)
-        keys = np.unique((cand.astype(np.int64) * m + np.arange(m)[:, None])[cand >= 0])  # by row, then test
+        keys = _sorted_distinct((cand.astype(np.int64) * m + np.arange(m)[:, None])[cand >= 0])  # by row, then test
         rows, tests = keys // m, keys % m
         union, pair_train = np.unique(rows, return_inverse=True)
         values = self.tracer.exact_pairs(
@@ -580,7 +586,7 @@ class TracinIndex:
         ps, pi, os_, oi = self._retrieve(q_sum, s, self._mask(None, s), row_scale)
         pi, ps, oi, os_ = pi[0], ps[0], oi[0], os_[0]
         if rerank:
-            union = np.unique(np.concatenate([pi[pi >= 0], oi[oi >= 0]]))
+            union = _sorted_distinct(np.concatenate([pi[pi >= 0], oi[oi >= 0]]))
             exact = np.zeros(len(union), dtype=np.float64)
             for b0 in range(0, len(t), batch_size):
                 if len(union) == 0:

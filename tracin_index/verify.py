@@ -70,7 +70,7 @@ def verify_rows(store: Store) -> list[str]:
     # the arrays that grow with N x width: streamed a block of chunks at a time, memory flat in N
     for name in ("grads", "acts") if cache else ("grads",):
         try:
-            if not all(bool(np.isfinite(block).all()) for _, block in store.iter_rows(name=name)):
+            if not all(bool(np.isfinite(block).all()) for _, block in store.iter_rows(name=name, float32=False)):
                 problems.append(f"array {name!r} holds NaN or infinite values")
         except StoreError as exc:
             problems.append(str(exc).split(": ", 1)[-1])
