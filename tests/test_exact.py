@@ -331,6 +331,48 @@ def test_distinct_rows_groups_equal_rows_and_never_merges_different_ones(monkeyp
     assert G._distinct_rows(x, 8) is None
 
 
+def test_batches_grow_while_rows_share_inputs_and_give_the_same_rows(conve_inverse: Trained,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nations' rows share (head, relation) inputs: batches grow past ``batch_size`` while their distinct inputs stay
+    within 1.5x a plain batch's rows, and the rows, norms and pair products equal those of fixed batches."""
+    import tracin_index.tracer as T
+    from tracin_index.model import load_checkpoints
+    from tracin_index.tracer import Tracer
+
+    bundle = load_model(conve_inverse.directory)
+    names = select_parameters(bundle.model, "last:2", bundle.triples.mapped[:2])
+    tracer = Tracer(bundle, load_checkpoints(bundle.model, conve_inverse.checkpoints), names, "bce",
+                    ProjectionSpec("sparse", 256, 0), torch.device("cpu"))
+    triples = bundle.triples.mapped[:700]
+    batches: list[torch.Tensor] = []
+    original = tracer.gradients
+
+    def spy(t: torch.Tensor, c: int, *args: object, **kwargs: object) -> object:
+        batches.append(t)
+        return original(t, c, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tracer, "gradients", spy)
+    grown = tracer.rows(triples, batch_size=32)
+    sizes = [len(b) for b in batches]
+    assert sum(sizes) == 2 * len(triples) and max(sizes) > 32  # two checkpoints
+    for b in batches:  # the budget: distinct inputs of a batch within 1.5x a plain batch's rows
+        if len(b) > 32:
+            rows, _ = internal_rows(bundle.model, b)
+            assert torch.unique(rows[:, :2], dim=0).shape[0] <= 1.5 * 32 * 2
+    test = conve_inverse.testing[:4]
+    tests = tracer.rows(test, keep_blocks=True).blocks
+    pair_test, pair_train = torch.arange(4).repeat(len(triples)), torch.arange(len(triples)).repeat_interleave(4)
+    grown_pairs = tracer.exact_pairs(tests, triples, pair_test, pair_train, batch_size=32)
+    batches.clear()
+    monkeypatch.setattr(T, "SHARED_GROWTH", 1)
+    plain = tracer.rows(triples, batch_size=32)
+    assert max(len(b) for b in batches) == 32
+    assert torch.allclose(grown.rows, plain.rows, rtol=1e-4, atol=1e-4 * float(plain.rows.abs().max()))
+    assert torch.allclose(grown.sq_norms, plain.sq_norms, rtol=1e-4)
+    plain_pairs = tracer.exact_pairs(tests, triples, pair_test, pair_train, batch_size=32)
+    assert torch.allclose(grown_pairs, plain_pairs, rtol=1e-4, atol=1e-4 * float(plain_pairs.abs().max()))
+
+
 @pytest.mark.parametrize(("r", "b", "f"), [(1, 5, 300), (2, 7, 600), (3, 4, 256), (2, 1, 10)])
 def test_norms_of_batch_innermost_rows_equal_the_plain_sum(r: int, b: int, f: int) -> None:
     """Squared gradient norms from ``v`` laid out batch-innermost (feature blocks of GRAM_CHUNK and a partial

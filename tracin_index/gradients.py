@@ -237,6 +237,31 @@ class GradientComputer:
                    for x, y in zip(_tensors(a), _tensors(b), strict=True)):
             self.batch_last = False
 
+    def input_keys(self, triples: torch.Tensor) -> torch.Tensor | None:
+        """``(R, B)`` keys of the rows' inputs to the shared encoder (equal inputs, equal keys), from the
+        model's forward up to that encoder only (ConvE: two embedding lookups); None where rows do not share.
+        Callers size batches by how many distinct inputs they hold (``Tracer._batch_end``)."""
+        if not self.share_rows or self.feeds_cache is None:
+            return None
+        rows, per = internal_rows(self.model, triples.to(self.device))
+        got: list[torch.Tensor] = []
+
+        def encoder_forward(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] == rows.shape[0] and x.is_floating_point():
+                got.append(_row_keys(x.reshape(x.shape[0], -1)))
+            raise _Probed
+
+        module = self.modules[self.feeds_cache]
+        module.forward = encoder_forward  # type: ignore[method-assign]
+        try:
+            with torch.no_grad():
+                self.loss.fn(self.model, rows)
+        except _Probed:
+            pass
+        finally:
+            del module.forward
+        return got[0].reshape(per, triples.shape[0]) if got else None
+
     def _try_share(self, few: torch.Tensor) -> None:
         """Keep ``share_rows`` only if the model takes shared rows and gives the same blocks with them as
         without (tried on a few triples, each twice, so that every row has a twin; in the layout
@@ -478,6 +503,21 @@ def _dense_rows(module: nn.Module, leaf: str, x: torch.Tensor, d: torch.Tensor) 
 _KEY_WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
+def _row_keys(flat: torch.Tensor) -> torch.Tensor:
+    """A float64 key per row of ``flat (n, f)``: a fixed random combination of its values (equal rows, equal
+    keys; different rows almost surely not, and never trusted without a check)."""
+    key = (flat.shape[1], flat.device)
+    if key not in _KEY_WEIGHTS:
+        gen = torch.Generator().manual_seed(0x5EED)
+        _KEY_WEIGHTS[key] = torch.rand(flat.shape[1], generator=gen, dtype=torch.float64).add_(0.5).to(flat.device)
+    return flat.to(torch.float64) @ _KEY_WEIGHTS[key]
+
+
+class _Probed(Exception):
+    """Raised by the encoder patched by ``GradientComputer.input_keys`` once it has its input: the rest of the
+    forward is not needed."""
+
+
 def _distinct_rows(x: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(x's distinct rows, each row's index among them)`` when ``x`` has ``n_rows`` rows of which at most
     ``SHARE_AT_MOST`` are distinct; else None.
@@ -491,12 +531,7 @@ def _distinct_rows(x: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Te
     if n != n_rows or n < 2 or not x.is_floating_point():
         return None
     flat = x.reshape(n, -1)
-    f = flat.shape[1]
-    key = (f, x.device)
-    if key not in _KEY_WEIGHTS:
-        gen = torch.Generator().manual_seed(0x5EED)
-        _KEY_WEIGHTS[key] = torch.rand(f, generator=gen, dtype=torch.float64).add_(0.5).to(x.device)
-    keys = flat.to(torch.float64) @ _KEY_WEIGHTS[key]
+    keys = _row_keys(flat)
     distinct, inverse = torch.unique(keys, sorted=True, return_inverse=True)
     m = int(distinct.shape[0])
     if m > SHARE_AT_MOST * n:

@@ -34,7 +34,8 @@ from .projection import DEFAULT_MEMORY, ProjectionSpec, make_projector
 __all__ = ["Rows", "Tracer"]
 
 ANY_LAYOUT_FLOATS = 1 << 24  # test v columns (64 MiB) up to which exact_pairs permutes them for the candidates' order
-SHARED_GROWTH = 4  # exact_pairs' batches grow up to this many times batch_size while the rows share their inputs
+SHARED_GROWTH = 16  # batches grow up to this many times batch_size while their rows share encoder inputs
+PROBE_TRIPLES = 32_768  # ... and up to this many triples (the probe's forward to the encoder holds their inputs)
 
 
 @dataclass
@@ -138,14 +139,15 @@ class Tracer:
         parts, norms, kept, acts = [], [], [], []
         for c, ckpt in enumerate(self.checkpoints):
             proj, sq, blocks_c, acts_c = [], [], [], []
-            start, size = 0, batch_size
+            start, probe = 0, True
             while start < triples.shape[0]:
-                batch = triples[start : start + size]
-                start += batch.shape[0]
+                end = self._batch_end(triples, start, batch_size, probe)
+                batch = triples[start:end]
+                start = end
                 t0 = self._mark()
                 # projected rows: v may come batch-innermost; kept blocks feed pair products, which want rows
                 blocks = self.gradients(batch, c, batch_last=not keep_blocks)
-                size = self._next_size(batch_size)
+                probe = self.computer.last_distinct < 1.0  # rows that never share are not probed again
                 t1 = self._mark()
                 proj.append(self.projector(blocks) * math.sqrt(ckpt.lr))
                 t2 = self._mark()
@@ -181,14 +183,34 @@ class Tracer:
             )
         return Rows(rows=rows, sq_norms=sq_all, blocks=kept, acts=torch.cat(acts, dim=1) if keep_acts else None)
 
-    def _next_size(self, batch_size: int) -> int:
-        """The next batch's triples after a gradients call. Rows that share their encoder input
-        (``GradientComputer.share_rows``) cost only their distinct rows, so the next batch takes up to
-        ``SHARED_GROWTH`` times ``batch_size``, about 1.5x the rows' worth of distinct inputs at the last
-        call's sharing, and shares more (UMLS: 29% of a 1,024-triple batch's rows are distinct, 24% of
-        2,048, 15% of all 5,216; re-rank of 100 tests 0.27 -> 0.21 s). Unshared: ``batch_size``."""
-        distinct = self.computer.last_distinct
-        return batch_size * (1 if distinct >= 1.0 else max(1, min(SHARED_GROWTH, int(1.5 / distinct))))
+    def _batch_end(self, triples: torch.Tensor, start: int, batch_size: int, probe: bool = True) -> int:
+        """Where the batch from ``start`` ends: ``batch_size`` triples, or up to ``SHARED_GROWTH`` times as
+        many while their rows hold at most 1.5x ``batch_size``'s rows' worth of distinct encoder inputs.
+
+        Rows that share their encoder input (``GradientComputer.share_rows``) cost only their distinct rows
+        in the encoder, the Linear, the sketch of ``v`` and the re-rank's ``v`` products, and a bigger batch
+        shares more (UMLS: 29% of a 1,024-triple batch's rows are distinct, 15% of all 5,216), so the
+        distinct inputs of the largest candidate batch are counted first, from the model's forward up to
+        the encoder (``GradientComputer.input_keys``; a few ms), and the largest batch within the budget
+        is taken. Memory stays that of ``batch_size`` unshared triples, give or take the narrow per-row side.
+        """
+        n = triples.shape[0]
+        plain = min(n, start + batch_size)
+        g = SHARED_GROWTH
+        while g > 1 and g * batch_size > PROBE_TRIPLES:
+            g //= 2
+        if not probe or plain == n or g == 1:
+            return plain
+        keys = self.computer.input_keys(triples[start : start + batch_size * g])
+        if keys is None:
+            return plain
+        budget = 1.5 * batch_size * keys.shape[0]
+        while g > 1:
+            m = min(keys.shape[1], g * batch_size)
+            if torch.unique(keys[:, :m]).numel() <= budget:
+                return start + m
+            g //= 2
+        return plain
 
     def self_influence(self, sq: torch.Tensor) -> torch.Tensor:
         """``sum_c lr_c ||g_c||^2`` from squared norms ``(B, C)``."""
@@ -273,16 +295,16 @@ class Tracer:
         any_layout = train_acts is not None and test_floats <= ANY_LAYOUT_FLOATS
         for c, ckpt in enumerate(self.checkpoints):
             permuted: dict[int, list[GradBlock]] = {}  # test blocks in a candidate batch's feature order
-            start, size = 0, batch_size
+            start, probe = 0, True
             while start < len(train):
-                s, e = start, min(len(train), start + size)
-                start = e
+                s = start
+                e = start = self._batch_end(train, s, batch_size, probe)
                 lo, hi = torch.searchsorted(pair_train, torch.tensor([s, e])).tolist()
                 if lo == hi:
                     continue
                 pt, pr = pair_test[lo:hi], pair_train[lo:hi] - s
                 train_blocks = self._train_gradients(train[s:e], c, s, train_acts, any_layout)
-                size = self._next_size(batch_size)
+                probe = self.computer.last_distinct < 1.0
                 mine = test_blocks[c]
                 if self.computer.v_order:
                     key = id(next(iter(self.computer.v_order.values())))
