@@ -439,7 +439,14 @@ class TracinIndex:
         """
         m = pi.shape[0]
         cand = np.concatenate([pi, oi], axis=1)
-        keys = _sorted_distinct((cand.astype(np.int64) * m + np.arange(m)[:, None])[cand >= 0])  # by row, then test
+        valid = cand >= 0
+        flat = (cand.astype(np.int64) * m + np.arange(m)[:, None])[valid]  # (row, test) pairs, asked once or twice
+        order = np.argsort(flat, kind="stable")  # by row, then test (a sort: numpy 2's unique hashes first, 20x slower)
+        ranked = flat[order]
+        first = np.r_[True, ranked[1:] != ranked[:-1]] if len(ranked) else np.zeros(0, dtype=bool)
+        keys = ranked[first]
+        at = np.zeros(cand.shape, dtype=np.int64)  # each asked place's pair among the keys
+        at[valid] = (np.cumsum(first) - 1)[np.argsort(order, kind="stable")]
         rows, tests = keys // m, keys % m
         union, pair_train = np.unique(rows, return_inverse=True)
         values = self.tracer.exact_pairs(
@@ -448,14 +455,9 @@ class TracinIndex:
             progress=progress, train_acts=None if self._acts is None else (self._acts[0], self._acts[1][union]),
         ).numpy()
 
-        def look(ids: np.ndarray) -> np.ndarray:
-            """Each (test, candidate id)'s exact value; 0 for the -1 of a missing place."""
-            if not len(values):
-                return np.zeros(ids.shape, dtype=np.float32)
-            at = np.searchsorted(keys, np.maximum(ids, 0).astype(np.int64) * m + np.arange(m)[:, None])
-            return np.where(ids >= 0, values[np.minimum(at, len(values) - 1)], 0.0).astype(np.float32)
-
-        return look(pi), look(oi)
+        # each (test, candidate)'s exact value; 0 for the -1 of a missing place
+        got = np.where(valid, values[at] if len(values) else 0.0, 0.0).astype(np.float32)
+        return got[:, : pi.shape[1]], got[:, pi.shape[1] :]
 
     def _result(self, test: torch.Tensor, s: ScoreSettings, pi: np.ndarray, pv: np.ndarray, oi: np.ndarray,
                 ov: np.ndarray) -> QueryResult:
@@ -477,13 +479,14 @@ class TracinIndex:
         return ent[h], rel[r], ent[t]
 
     def _entries(self, items: list[tuple[float, int]]) -> list[Influence]:
-        out = []
-        for rank, (score, row) in enumerate(items, start=1):
-            ids = self._triple_ids[row].tolist()
-            h, r, t = self._labels(ids)
-            out.append(Influence(rank=rank, train_index=int(self.train_index[row]), head=h, relation=r, tail=t,
-                                 head_id=ids[0], relation_id=ids[1], tail_id=ids[2], influence=score))
-        return out
+        if not items:
+            return []
+        rows = np.fromiter((row for _, row in items), dtype=np.int64, count=len(items))
+        ids, positions = self._triple_ids[rows].tolist(), self.train_index[rows].tolist()  # one gather each
+        ent, rel = self.labels.entity_labels, self.labels.relation_labels
+        return [Influence(rank=rank, train_index=position, head=ent[h], relation=rel[r], tail=ent[t],
+                          head_id=h, relation_id=r, tail_id=t, influence=score)
+                for rank, ((score, _), (h, r, t), position) in enumerate(zip(items, ids, positions, strict=True), start=1)]
 
     # ------------------------------------------------------------------ public rankings
 
