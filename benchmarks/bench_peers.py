@@ -37,7 +37,8 @@ ours on the slice, and extrapolated to full queries. Ours: measured one-query la
 
 Every timed part runs after a warm-up on a small subset, ``--repeats`` times for ours and Captum's fast variants (the
 fastest is reported: on a shared 2-core VM timings move up to 2x between runs, for every method; recall is
-deterministic); Captum's exact TracInCP (minutes) runs once.
+deterministic); ours and ``TracInCPFastRandProj`` alternate round by round, so that both see the same phases of the
+machine, and the per-round ratios are printed too. Captum's exact TracInCP (minutes) runs once.
 
     python benchmarks/bench_peers.py [--epochs 30] [--queries 100] [--dim 1024] [--seed 0] [--threads 2] [--repeats 3] [--out DIR]
 """
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import shlex
 import sys
 import tempfile
@@ -365,7 +367,8 @@ def main() -> None:
         ours_build(root / "warm", 0.05)
         open_index(root / "warm", model=bundle).query(test[:2], k=top)
         log("ours: build ...")
-        build_s = min(ours_build(root / "idx") for _ in range(max(1, args.repeats)))
+        ours_build(root / "idx")
+
         def cold(**kw: Any) -> tuple[float, Any, Any]:
             """A fresh ``open_index`` and its first query: seconds, the index, the results."""
             t0 = time.perf_counter()
@@ -373,15 +376,12 @@ def main() -> None:
             got = opened.query(test, k=top, **kw)
             return time.perf_counter() - t0, opened, got
 
-        open_q_s, index, res = min((cold() for _ in range(max(1, args.repeats))), key=lambda x: x[0])
+        plain = {"candidates": top, "opponent_candidates": top, "rerank": False}
+        _, index, res = cold()
         exact_q = index.exact_influence(test).double().numpy()  # brute force over every row: Q's ground truth
         truth_q = [exact_ends(exact_q[m], index.train_index, top) for m in range(len(test))]
-        rows.append(Row(f"ours: sparse k={k}, re-rank (default candidates {default_candidates(top)})", "Q", build_s,
-                        open_q_s, recall_lists(index_lists(res), truth_q)))
-        open_q_s, _, res = min((cold(candidates=top, opponent_candidates=top, rerank=False)
-                                for _ in range(max(1, args.repeats))), key=lambda x: x[0])
-        rows.append(Row(f"ours: sparse k={k}, projected top-{top}, no re-rank", "Q", build_s, open_q_s,
-                        recall_lists(index_lists(res), truth_q)))
+        recall_rerank = recall_lists(index_lists(res), truth_q)
+        recall_plain = recall_lists(index_lists(cold(**plain)[2]), truth_q)
 
         # ---------------------------------------------------------------- Captum TracInCP, exact, on Q
         triple_model = TripleScores(conve).eval()
@@ -427,9 +427,27 @@ def main() -> None:
         small = TensorDataset(pairs[:256], labels[:256])
         captum_lists(fast(TracInCPFastRandProj, small, projection_dim=k, seed=args.seed),
                      (test_hr[0][:2], test_hr[1][:2]), top)
-        log("Captum TracInCPFastRandProj: build + queries ...")
-        frp, frp_build = best(lambda: fast(TracInCPFastRandProj, lcwa_ds, projection_dim=k, seed=args.seed), args.repeats)
-        got, frp_q = best(lambda: captum_lists(frp, test_hr, top), args.repeats)
+        log(f"ours and Captum TracInCPFastRandProj, {args.repeats} interleaved rounds of build + queries ...")
+        timing: dict[str, list[float]] = {"ob": [], "oq": [], "on": [], "cb": [], "cq": []}
+        for _ in range(max(1, args.repeats)):  # side by side, so that both see the same phase of this VM
+            timing["ob"].append(ours_build(root / "idx"))
+            timing["oq"].append(cold()[0])
+            timing["on"].append(cold(**plain)[0])
+            frp, cb = timed(lambda: fast(TracInCPFastRandProj, lcwa_ds, projection_dim=k, seed=args.seed))
+            got, cq = timed(functools.partial(captum_lists, frp, test_hr, top))
+            timing["cb"].append(cb)
+            timing["cq"].append(cq)
+        build_s = min(timing["ob"])
+        rows.insert(0, Row(f"ours: sparse k={k}, re-rank (default candidates {default_candidates(top)})", "Q", build_s,
+                           min(timing["oq"]), recall_rerank))
+        rows.insert(1, Row(f"ours: sparse k={k}, projected top-{top}, no re-rank", "Q", build_s, min(timing["on"]),
+                           recall_plain))
+        frp_build, frp_q = min(timing["cb"]), min(timing["cq"])
+        for name, q in (("re-rank", "oq"), ("no re-rank", "on")):
+            ratios = sorted((b + c) / (o + t) for b, c, o, t in
+                            zip(timing["cb"], timing["cq"], timing["ob"], timing[q], strict=True))
+            notes.append(f"Ours ({name}) against TracInCPFastRandProj (Annoy) end to end, round by round: "
+                         f"{', '.join(f'{r:.2f}x' for r in ratios)} (median {float(np.median(ratios)):.2f}x)")
         stored = int(frp.src_intermediate_quantities.shape[1])
         rows.append(Row(f"Captum TracInCPFastRandProj, projection_dim={k} ({stored} numbers/row), Annoy (default)",
                         "LCWA 1-N", frp_build, frp_q, recall_lists(got, truth_f)))
@@ -494,8 +512,9 @@ def main() -> None:
           f"date {datetime.date.today().isoformat()}; total {total:.0f} s")
     print(f"workload: UMLS, {n_train:,} training triples; {trained}; {len(states)} checkpoint (lr {states[0].lr:.3g}); "
           f"layer {UMLS_LAYER_NOTE}; k={k}; {len(test)} seeded test triples (seed {args.seed}); top-{top}. Each timed part "
-          f"of ours and of Captum's fast variants: the fastest of {args.repeats} runs after a warm-up (ours: open + first "
-          f"query together, a fresh open each run); Captum TracInCP (exact): one run.")
+          f"of ours and of Captum's fast variants: the fastest of {args.repeats} runs after a warm-up, ours and "
+          f"TracInCPFastRandProj in interleaved rounds (ours: open + first query together, a fresh open each run); "
+          f"Captum TracInCP (exact): one run.")
     print(f"command: `{command}`\n")
     print("Target 5. Q = ours (triple, both inverse rows, bce, hr1d.0 weight+bias); LCWA 1-N = Captum's fast variants "
           "((h, r) instance, BCE over all tails, hr1d.0 weight). Recall against the exact top-10 of the method's own "

@@ -767,12 +767,16 @@ def _row_grams(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+GRAM_PAIRS = 16  # triples per step of _shared_grams' cross terms: their gathered rows stay in cache (660 KB for ConvE)
+
+
 def _shared_grams(v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``(B, R, R)``: ``v[index[r, b]] . v[index[s, b]]`` for distinct rows ``v (U, f)``, ``index (R, B)``.
 
-    Squared norms once per distinct row; the cross terms from rows gathered block by block of
-    ``GRAM_CHUNK`` features, in cache (8 ms for ConvE's 1,024 triples; batch-innermost rows gather
-    along the other axis, about 4x slower).
+    Squared norms once per distinct row. The cross terms gather both rows of ``GRAM_PAIRS`` triples at a
+    time and multiply them in cache (27 ms for 5,216 UMLS triples, against 38 ms gathering feature blocks
+    of every triple); batch-innermost rows gather along the other axis, block by block of ``GRAM_CHUNK``
+    features.
     """
     r_, b_ = index.shape
     f = v.shape[1]
@@ -783,17 +787,20 @@ def _shared_grams(v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     pairs = [(r, s) for r in range(r_) for s in range(r + 1, r_)]
     if not pairs:
         return out
-    rows = v.stride(-1) == 1
-    acc = v.new_zeros(len(pairs), b_) if rows else v.new_zeros(len(pairs), min(GRAM_CHUNK, f), b_)
+    if v.stride(-1) == 1:
+        for r, s in pairs:
+            cross = v.new_empty(b_)
+            for i in range(0, b_, GRAM_PAIRS):
+                rows_r, rows_s = index[r, i : i + GRAM_PAIRS], index[s, i : i + GRAM_PAIRS]
+                cross[i : i + GRAM_PAIRS] = (v.index_select(0, rows_r) * v.index_select(0, rows_s)).sum(1)
+            out[:, r, s] = out[:, s, r] = cross
+        return out
+    acc = v.new_zeros(len(pairs), min(GRAM_CHUNK, f), b_)
     for i in range(0, f, GRAM_CHUNK):
+        blk = v.T[i : i + GRAM_CHUNK]  # (c, U), each feature's values contiguous
         for j, (r, s) in enumerate(pairs):
-            if rows:
-                blk = v[:, i : i + GRAM_CHUNK]
-                acc[j] += (blk.index_select(0, index[r]) * blk.index_select(0, index[s])).sum(1)
-            else:
-                blk = v.T[i : i + GRAM_CHUNK]  # (c, U), each feature's values contiguous
-                acc[j, : blk.shape[0]].addcmul_(blk.index_select(1, index[r]), blk.index_select(1, index[s]))
-    sums = acc if rows else acc.sum(1)
+            acc[j, : blk.shape[0]].addcmul_(blk.index_select(1, index[r]), blk.index_select(1, index[s]))
+    sums = acc.sum(1)
     for j, (r, s) in enumerate(pairs):
         out[:, r, s] = out[:, s, r] = sums[j]
     return out
