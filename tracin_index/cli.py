@@ -150,7 +150,9 @@ def main() -> None:
 @click.option("--projection", default="sparse", show_default=True, help="sparse (TensorSketch), gaussian or none (exact).")
 @click.option("--dim", type=int, default=1024, show_default=True, help="Projected dimension k per checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Projection seed.")
-@click.option("--batch-size", type=int, default=1024, show_default=True)
+@click.option("--batch-size", type=int, default=1024, show_default=True,
+              help="Training triples per gradient batch; where rows share the encoder's input (ConvE: the same head "
+                   "and relation) a batch grows up to 16x, within the memory of this many unshared triples.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--sample-rate", type=float, default=1.0, show_default=True,
               help="Index only this fraction of the training triples (fast exploration); the store records which.")
