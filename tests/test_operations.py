@@ -486,3 +486,11 @@ def test_per_row_values_are_checked_block_by_block(conve_inverse: Trained, tmp_p
     assert sorted(problems) == ["array 'self_influence' disagrees with 'norms' and the learning rates",
                                 "array 'train_index' is not increasing within the training triples",
                                 "array 'triples' holds ids outside the label tables"]
+    # non-finite stored rows (float16 grads checked by their exponent bits, float32 acts by isfinite)
+    assert store.array("grads").dtype == np.float16 and "acts" in store.group
+    for name, value in (("grads", -np.inf), ("acts", np.nan)):
+        row = store.array(name)[1000]
+        row[3] = value
+        store.array(name)[1000] = row
+    problems = verify_module.verify_rows(Store.open(out, complete=False))
+    assert {"array 'grads' holds NaN or infinite values", "array 'acts' holds NaN or infinite values"} <= set(problems)
