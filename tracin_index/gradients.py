@@ -194,8 +194,9 @@ class GradientComputer:
 
         Catches parameters used outside their module's forward (e.g. an entity table read whole by
         1-N scoring), whose per-triple gradients hooks cannot see. Then finds the encoders to fold, tries
-        the batch-innermost layout on a few triples (``self.batch_last``), and returns the blocks of the
-        path later calls take (``batch_last`` as in ``__call__``).
+        the batch-innermost layout and row sharing on a few triples (``self.batch_last``,
+        ``self.share_rows``), and returns the blocks of the path later calls take (``batch_last`` as in
+        ``__call__``).
         """
         blocks, batch_grads = self._run(triples, check=True)
         for param, block, full in zip(self.tracked, blocks, batch_grads, strict=True):
@@ -215,27 +216,29 @@ class GradientComputer:
         if self.folded:  # these rows from the path later calls take (folded, in the caller's layout)
             if self.feeds_cache is None:
                 self.share_rows = False
-            else:
-                if self.batch_last:
-                    self._try_batch_last(triples[:BATCH_LAST_TRIAL])
-                self._try_share(triples[:BATCH_LAST_TRIAL])
+            else:  # each trial triple twice, so that every row has a twin to share with
+                few = triples[:BATCH_LAST_TRIAL]
+                twice = torch.cat([few, few])
+                plain, _ = self._run(twice, check=False)
+                self.batch_last = self.batch_last and self._same_blocks(twice, plain, batch_last=True)
+                self.share_rows = self._same_blocks(twice, plain, batch_last=self.batch_last, share=True)
             blocks, _ = self._run(triples, check=False, batch_last=batch_last and self.batch_last, share=self.share_rows)
         else:
             self.share_rows = False
         return blocks
 
-    def _try_batch_last(self, few: torch.Tensor) -> None:
-        """Keep ``batch_last`` only if the model takes that layout and gives the same blocks with it
-        as without (tried on a few triples)."""
-        plain, _ = self._run(few, check=False)
+    def _same_blocks(self, triples: torch.Tensor, plain: list[GradBlock], batch_last: bool,
+                     share: bool = False) -> bool:
+        """Whether the model takes ``batch_last`` / ``share`` and gives ``plain``'s blocks with them;
+        ``share`` must also have shared rows."""
         try:
-            trial, _ = self._run(few, check=False, batch_last=True)
-        except RuntimeError:  # e.g. a view of the encoder's output that only contiguous memory allows
-            self.batch_last = False
-            return
-        if not all(_close(x, y) for a, b in zip(plain, trial, strict=True)
-                   for x, y in zip(_tensors(a), _tensors(b), strict=True)):
-            self.batch_last = False
+            trial, _ = self._run(triples, check=False, batch_last=batch_last, share=share)
+        except (RuntimeError, InputError):  # e.g. a view that only contiguous memory allows, or a row per row
+            return False
+        if share and not any(isinstance(b, OuterGrad) and b.index is not None for b in trial):
+            return False
+        return all(_close(x, y) for a, b in zip(plain, trial, strict=True)
+                   for x, y in zip(_tensors(a), _tensors(b), strict=True))
 
     def input_keys(self, triples: torch.Tensor) -> torch.Tensor | None:
         """``(R, B)`` keys of the rows' inputs to the shared encoder (equal inputs, equal keys), from the
@@ -261,22 +264,6 @@ class GradientComputer:
         finally:
             del module.forward
         return got[0].reshape(per, triples.shape[0]) if got else None
-
-    def _try_share(self, few: torch.Tensor) -> None:
-        """Keep ``share_rows`` only if the model takes shared rows and gives the same blocks with them as
-        without (tried on a few triples, each twice, so that every row has a twin; in the layout
-        later projected calls take)."""
-        twice = torch.cat([few, few])
-        plain, _ = self._run(twice, check=False)
-        try:
-            trial, _ = self._run(twice, check=False, batch_last=self.batch_last, share=True)
-        except (RuntimeError, InputError):  # e.g. the encoder's output read beside the cache module, row by row
-            self.share_rows = False
-            return
-        shared = any(isinstance(b, OuterGrad) and b.index is not None for b in trial)
-        if not shared or not all(_close(x, y) for a, b in zip(plain, trial, strict=True)
-                                 for x, y in zip(_tensors(a), _tensors(b), strict=True)):
-            self.share_rows = False
 
     def _run(self, triples: torch.Tensor, check: bool, stored: dict[str, torch.Tensor] | None = None,
              any_layout: bool = False, batch_last: bool = False,
@@ -775,34 +762,22 @@ def _shared_grams(v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     Squared norms once per distinct row. The cross terms gather both rows of ``GRAM_PAIRS`` triples at a
     time and multiply them in cache (27 ms for 5,216 UMLS triples, against 38 ms gathering feature blocks
-    of every triple); batch-innermost rows gather along the other axis, block by block of ``GRAM_CHUNK``
-    features.
+    of every triple). Shared rows come row-contiguous (sharing turns the encoder's batch-innermost layout
+    off); any other layout is made so first.
     """
     r_, b_ = index.shape
-    f = v.shape[1]
+    v = v if v.stride(-1) == 1 else v.contiguous()
     sq = torch.linalg.vector_norm(v, dim=1).square()  # (U,)
     out = v.new_empty(b_, r_, r_)
     for r in range(r_):
         out[:, r, r] = sq[index[r]]
-    pairs = [(r, s) for r in range(r_) for s in range(r + 1, r_)]
-    if not pairs:
-        return out
-    if v.stride(-1) == 1:
-        for r, s in pairs:
+    for r in range(r_):
+        for s in range(r + 1, r_):
             cross = v.new_empty(b_)
             for i in range(0, b_, GRAM_PAIRS):
                 rows_r, rows_s = index[r, i : i + GRAM_PAIRS], index[s, i : i + GRAM_PAIRS]
                 cross[i : i + GRAM_PAIRS] = (v.index_select(0, rows_r) * v.index_select(0, rows_s)).sum(1)
             out[:, r, s] = out[:, s, r] = cross
-        return out
-    acc = v.new_zeros(len(pairs), min(GRAM_CHUNK, f), b_)
-    for i in range(0, f, GRAM_CHUNK):
-        blk = v.T[i : i + GRAM_CHUNK]  # (c, U), each feature's values contiguous
-        for j, (r, s) in enumerate(pairs):
-            acc[j, : blk.shape[0]].addcmul_(blk.index_select(1, index[r]), blk.index_select(1, index[s]))
-    sums = acc.sum(1)
-    for j, (r, s) in enumerate(pairs):
-        out[:, r, s] = out[:, s, r] = sums[j]
     return out
 
 
