@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model
+from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model, projection
 from tracin_index.gradients import GradientComputer, OuterGrad, densify, describe_parameters, inner
 from tracin_index.losses import get_loss
 from tracin_index.model import select_parameters
@@ -43,11 +43,19 @@ def _blocks(trained: Trained, layers: str, n: int = 6) -> tuple[list, list]:
     return tracked, blocks
 
 
-def test_tensorsketch_equals_countsketch_of_the_outer_product(conve_inverse: Trained) -> None:
-    tracked, blocks = _blocks(conve_inverse, "interaction.hr1d.0.weight")
-    assert isinstance(blocks[0], OuterGrad)
+@pytest.mark.parametrize("block_bytes", [None, 1])
+def test_tensorsketch_equals_countsketch_of_the_outer_product(conve_inverse: Trained, block_bytes: int | None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the CountSketch of the dense outer products; ``block_bytes=1``: the CPU path's blocks of
+    16 triples, with the same bytes as one block (shared ``v`` rows included)."""
+    tracked, blocks = _blocks(conve_inverse, "interaction.hr1d.0.weight", n=40)
+    assert isinstance(blocks[0], OuterGrad) and blocks[0].index is not None  # rows share their encoder input
     k = 257
     proj = SketchProjector(ProjectionSpec("sparse", k, 5), tracked, torch.device("cpu"), 0)
+    if block_bytes is not None:
+        whole = proj(blocks)
+        monkeypatch.setattr(projection, "SKETCH_BLOCK_BYTES", block_bytes)
+        assert torch.equal(proj(blocks), whole)
     out_dim, in_dim = tracked[0].shape
     h0 = hash64(_key(5, 0, 0), torch.arange(out_dim))
     h1 = hash64(_key(5, 0, 1), torch.arange(in_dim))

@@ -30,6 +30,9 @@ CHUNK = 1 << 15  # columns of P generated at once by the gaussian kind (part of 
 SMALL_SKETCH = 1024  # up to this many columns, a CountSketch on the CPU is an index_add_ (measured faster)
 MAX_EXACT_DIM = 1 << 20  # refuse --projection none beyond this many tracked numbers per triple
 DEFAULT_MEMORY = 1 << 30  # bytes of cached gaussian chunks
+# bytes of each complex intermediate (u's spectra, v's gathered spectra) per step of the CPU TensorSketch:
+# in cache, 256 UMLS triples x 2 rows x 513 bins at k=1024 (measured 34 -> 24 ms for 5,216 triples)
+SKETCH_BLOCK_BYTES = 1 << 21
 
 _MASK64 = (1 << 64) - 1
 
@@ -184,11 +187,7 @@ class SketchProjector(Projector):
             if isinstance(blk, DenseGrad):
                 part = self._countsketch(blk.values, j, 0)
             elif isinstance(blk, OuterGrad):
-                cu = torch.fft.rfft(self._countsketch(blk.u, j, 0), n=self.k)
-                cv = torch.fft.rfft(self._countsketch(blk.v, j, 1), n=self.k)
-                if blk.index is not None:  # sketched once per distinct row, then handed to each row
-                    cv = cv[blk.index]
-                part = torch.fft.irfft((cu * cv).sum(0), n=self.k)
+                part = self._tensor_sketch(blk, j)
             else:
                 b, _, d = blk.values.shape
                 coords = blk.index.unsqueeze(-1) * d + torch.arange(d, device=blk.index.device)
@@ -198,6 +197,28 @@ class SketchProjector(Projector):
             total = part if total is None else total + part
         assert total is not None
         return total
+
+
+    def _tensor_sketch(self, blk: OuterGrad, j: int) -> torch.Tensor:
+        """``(B, k)``: ``sum_r TensorSketch(u_r (x) v_r)`` = ``irfft(sum_r rfft(CS u_r) * rfft(CS v_r))``.
+
+        ``v``'s spectra come once per distinct row (``blk.index``), for all triples at once (its
+        CountSketch is a sparse product that wants every row). On the CPU the rest goes
+        ``SKETCH_BLOCK_BYTES`` of spectra at a time, in cache: the per-row operations are the same, so
+        are the bytes, for any block.
+        """
+        cv = torch.fft.rfft(self._countsketch(blk.v, j, 1), n=self.k)  # (R, B, bins), or (U, bins) when shared
+        r_, b_ = blk.u.shape[:2]
+        # a multiple of 16 triples: the FFTs run rows in SIMD groups, and a block whose rows end inside a group
+        # would round its last rows differently from one FFT over the whole batch
+        step = b_ if blk.u.device.type != "cpu" else max(16, SKETCH_BLOCK_BYTES // (8 * r_ * cv.shape[-1]) // 16 * 16)
+        out = blk.u.new_empty(b_, self.k)
+        for s in range(0, b_, step):
+            e = min(b_, s + step)
+            spectra = torch.fft.rfft(self._countsketch(blk.u[:, s:e], j, 0), n=self.k)
+            spectra.mul_(cv[:, s:e] if blk.index is None else cv[blk.index[:, s:e]])
+            out[s:e] = torch.fft.irfft(spectra.sum(0), n=self.k)
+        return out
 
 
 class GaussianProjector(Projector):
