@@ -508,9 +508,9 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
                     r = tracer.rows(triples[start:stop], batch_size=config.batch_size, keep_acts=keep_acts)
                 # torch's float32 -> float16 rounding is numpy's, bit for bit, and vectorised (numpy's is ~60x slower)
                 rows = r.rows.to(getattr(torch, dtype)).cpu().numpy()
-                big = float(r.rows.abs().max())  # rows are finite (Tracer.rows): only one beyond the dtype's
-                if big > float(np.finfo(rows.dtype).max) and not np.isfinite(rows).all():  # largest can overflow
-                    raise InputError(f"projected gradients reach {big:.3g}, beyond {dtype}'s range; build with --dtype "
+                # rows are finite (Tracer.rows): only one beyond the dtype's largest can overflow
+                if r.peak > float(np.finfo(rows.dtype).max) and not np.isfinite(rows).all():
+                    raise InputError(f"projected gradients reach {r.peak:.3g}, beyond {dtype}'s range; build with --dtype "
                                      "float32 (or check the checkpoints' learning rates)")
                 self_inf = tracer.self_influence(r.sq_norms).cpu().numpy().astype(np.float32)
                 norms = r.sq_norms.sqrt().cpu().numpy().astype(np.float32)

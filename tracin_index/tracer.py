@@ -40,13 +40,14 @@ PROBE_TRIPLES = 32_768  # ... and up to this many triples (the probe's forward t
 
 @dataclass
 class Rows:
-    """Projected rows ``(B, C*k) float32``, exact squared norms ``(B, C)``, the blocks per checkpoint, and
-    (when asked) the cache module's outputs ``(B, C*R*out) float32``, triple-major."""
+    """Projected rows ``(B, C*k) float32``, exact squared norms ``(B, C)``, the blocks per checkpoint,
+    (when asked) the cache module's outputs ``(B, C*R*out) float32``, triple-major, and the rows' peak."""
 
     rows: torch.Tensor
     sq_norms: torch.Tensor
     blocks: list[list[GradBlock]]
     acts: torch.Tensor | None = None
+    peak: float = 0.0  # the largest |value| of ``rows``
 
 
 class Tracer:
@@ -174,14 +175,18 @@ class Tracer:
                 acts.append(torch.cat(acts_c))
         rows = torch.cat(parts, dim=1)
         sq_all = torch.stack(norms, dim=1)
-        bad = ~(torch.isfinite(rows).all(dim=1) & torch.isfinite(sq_all).all(dim=1))
-        if bool(bad.any()):
+        # one pass for both extremes (NaN propagates into them), against 14 ms of isfinite per UMLS build; the
+        # row-wise check only finds the row to name
+        lo, hi = (float(x) for x in torch.aminmax(rows)) if rows.numel() else (0.0, 0.0)
+        if not (math.isfinite(lo) and math.isfinite(hi) and bool(torch.isfinite(sq_all).all())):
+            bad = ~(torch.isfinite(rows).all(dim=1) & torch.isfinite(sq_all).all(dim=1))
             i = int(torch.nonzero(bad)[0])
             raise InputError(
                 f"the gradient of triple {triples[i].tolist()} is NaN or infinite; the model (or a checkpoint) "
                 "has diverged: index a healthy checkpoint"
             )
-        return Rows(rows=rows, sq_norms=sq_all, blocks=kept, acts=torch.cat(acts, dim=1) if keep_acts else None)
+        return Rows(rows=rows, sq_norms=sq_all, blocks=kept, acts=torch.cat(acts, dim=1) if keep_acts else None,
+                    peak=max(-lo, hi))
 
     def _batch_end(self, triples: torch.Tensor, start: int, batch_size: int, probe: bool = True) -> int:
         """Where the batch from ``start`` ends: ``batch_size`` triples, or up to ``SHARED_GROWTH`` times as
