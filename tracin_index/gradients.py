@@ -491,13 +491,15 @@ _KEY_WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _row_keys(flat: torch.Tensor) -> torch.Tensor:
-    """A float64 key per row of ``flat (n, f)``: a fixed random combination of its values (equal rows, equal
-    keys; different rows almost surely not, and never trusted without a check)."""
+    """An int64 key per row of ``flat (n, f)``: two fixed random float32 combinations of its values, their
+    bits side by side (equal rows, equal keys; different rows almost surely not, and never trusted without
+    a check). Float32 products: converting UMLS's 10,432 x 400 encoder inputs to float64 for one
+    float64 combination took 8 of 9 ms."""
     key = (flat.shape[1], flat.device)
     if key not in _KEY_WEIGHTS:
         gen = torch.Generator().manual_seed(0x5EED)
-        _KEY_WEIGHTS[key] = torch.rand(flat.shape[1], generator=gen, dtype=torch.float64).add_(0.5).to(flat.device)
-    return flat.to(torch.float64) @ _KEY_WEIGHTS[key]
+        _KEY_WEIGHTS[key] = torch.rand(flat.shape[1], 2, generator=gen).add_(0.5).to(flat.device)
+    return (flat.to(torch.float32) @ _KEY_WEIGHTS[key]).view(torch.int64).reshape(-1)
 
 
 class _Probed(Exception):
@@ -509,8 +511,8 @@ def _distinct_rows(x: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Te
     """``(x's distinct rows, each row's index among them)`` when ``x`` has ``n_rows`` rows of which at most
     ``SHARE_AT_MOST`` are distinct; else None.
 
-    Rows are keyed by a fixed random float64 combination of their values (one small GEMV and a sort of
-    ``n_rows`` numbers), and the grouping is then checked value for value: two different rows with equal
+    Rows are keyed by fixed random combinations of their values (a small GEMM and a sort of ``n_rows``
+    numbers), and the grouping is then checked value for value: two different rows with equal
     keys (or a NaN) make it decline, never merge. The distinct rows come in key order; each is its group's
     first row, so the result depends on the values only.
     """
