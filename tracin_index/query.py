@@ -230,12 +230,23 @@ def _distinct_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ranked[first], inverse
 
 
-def _ranked(values: np.ndarray, ids: np.ndarray, sign: float, k: int) -> list[tuple[float, int]]:
-    """The ``k`` places with ``sign * value > 0``, largest ``sign * value`` first, ties by row: ``(value, row)``."""
+def _ranked(values: np.ndarray, ids: np.ndarray, sign: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of ``(M, n)`` places: the ``k`` with ``sign * value > 0``, largest ``sign * value`` first, ties by
+    row id. Returns ``(values, ids, counts)``: each row's first ``counts[m]`` places are its list. One lexsort
+    for all rows (per test, 600 small sorts took 4.5 ms of a 100-test query)."""
     keep = (ids >= 0) & (values * sign > 0)
-    v, i = values[keep], ids[keep]
-    order = np.lexsort((i, -sign * v))[:k]
-    return [(float(v[o]), int(i[o])) for o in order]
+    order = np.lexsort((ids, -sign * values, ~keep), axis=-1)[:, :k]
+    return np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1), np.minimum(keep.sum(1), k)
+
+
+def _influence(rank: int, train_index: int, head: str, relation: str, tail: str, head_id: int, relation_id: int,
+               tail_id: int, influence: float) -> Influence:
+    """``Influence(...)`` without the frozen dataclass's ``object.__setattr__`` per field (3x faster; a
+    100-test query makes 2,000 of them)."""
+    item = object.__new__(Influence)
+    item.__dict__.update(rank=rank, train_index=train_index, head=head, relation=relation, tail=tail, head_id=head_id,
+                         relation_id=relation_id, tail_id=tail_id, influence=influence)
+    return item
 
 
 class TracinIndex:
@@ -431,7 +442,7 @@ class TracinIndex:
                                   None if progress is None else (lambda f: progress(0.45 + 0.55 * f)))
         else:
             pv, ov = ps, os_
-        return Results(self._result(test[m], s, pi[m], pv[m], oi[m], ov[m]) for m in range(len(test)))
+        return Results(self._results(test, s, pi, pv, oi, ov))
 
     def _rerank(self, blocks: list[Any], pi: np.ndarray, oi: np.ndarray, test_scale: torch.Tensor | None,
                 row_scale: np.ndarray | None, progress: Callable[[float], None] | None = None
@@ -461,34 +472,33 @@ class TracinIndex:
         got = np.where(valid, values[at] if len(values) else 0.0, 0.0).astype(np.float32)
         return got[:, : pi.shape[1]], got[:, pi.shape[1] :]
 
-    def _result(self, test: torch.Tensor, s: ScoreSettings, pi: np.ndarray, pv: np.ndarray, oi: np.ndarray,
-                ov: np.ndarray) -> QueryResult:
-        h, r, t = self._labels(test)
-        common: dict[str, Any] = {"test": {"head": h, "relation": r, "tail": t},
-                                  "test_ids": tuple(int(x) for x in test.tolist()), "mode": s.mode, "exact": s.rerank}
+    def _results(self, test: torch.Tensor, s: ScoreSettings, pi: np.ndarray, pv: np.ndarray, oi: np.ndarray,
+                 ov: np.ndarray) -> list[QueryResult]:
+        """The rankings of tests ``(M, 3)`` from their candidates' ids and values per end ``(M, n)``."""
+        ent, rel = self.labels.entity_labels, self.labels.relation_labels
+        common: list[dict[str, Any]] = [
+            {"test": {"head": ent[h], "relation": rel[r], "tail": ent[t]}, "test_ids": (h, r, t), "mode": s.mode,
+             "exact": s.rerank} for h, r, t in test.tolist()]
         if s.mode == "abs":
-            pro = [(float(v), int(i)) for v, i in zip(pv, pi, strict=True) if i >= 0]
-            opp = [(float(v), int(i)) for v, i in zip(ov, oi, strict=True) if i >= 0]
-            merged = {i: v for v, i in pro + opp}
-            top = sorted(((v, i) for i, v in merged.items()), key=lambda x: (-abs(x[0]), x[1]))[: s.k]
-            return QueryResult(top=self._entries(top), **common)
-        return QueryResult(proponents=self._entries(_ranked(pv, pi, 1.0, s.k)),
-                           opponents=self._entries(_ranked(ov, oi, -1.0, s.k)), **common)
+            out = []
+            for m, c in enumerate(common):
+                merged = {int(i): float(v) for v, i in zip(np.r_[pv[m], ov[m]], np.r_[pi[m], oi[m]], strict=True) if i >= 0}
+                top = sorted(((v, i) for i, v in merged.items()), key=lambda x: (-abs(x[0]), x[1]))[: s.k]
+                values, ids = np.array([v for v, _ in top], dtype=np.float64), np.array([i for _, i in top], dtype=np.int64)
+                out.append(QueryResult(top=self._entries(values[None], ids[None], np.array([len(top)]))[0], **c))
+            return out
+        pro = self._entries(*_ranked(pv, pi, 1.0, s.k))
+        opp = self._entries(*_ranked(ov, oi, -1.0, s.k))
+        return [QueryResult(proponents=p, opponents=o, **c) for p, o, c in zip(pro, opp, common, strict=True)]
 
-    def _labels(self, ids: Any) -> tuple[str, str, str]:
-        h, r, t = (int(x) for x in ids)
+    def _entries(self, values: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> list[list[Influence]]:
+        """Per row of ``(M, n)`` ranked places, its first ``counts[m]`` as entries (ids and positions gathered
+        once for all)."""
+        safe = np.maximum(rows, 0)
+        triples, positions, scores = self._triple_ids[safe].tolist(), self.train_index[safe].tolist(), values.tolist()
         ent, rel = self.labels.entity_labels, self.labels.relation_labels
-        return ent[h], rel[r], ent[t]
-
-    def _entries(self, items: list[tuple[float, int]]) -> list[Influence]:
-        if not items:
-            return []
-        rows = np.fromiter((row for _, row in items), dtype=np.int64, count=len(items))
-        ids, positions = self._triple_ids[rows].tolist(), self.train_index[rows].tolist()  # one gather each
-        ent, rel = self.labels.entity_labels, self.labels.relation_labels
-        return [Influence(rank=rank, train_index=position, head=ent[h], relation=rel[r], tail=ent[t],
-                          head_id=h, relation_id=r, tail_id=t, influence=score)
-                for rank, ((score, _), (h, r, t), position) in enumerate(zip(items, ids, positions, strict=True), start=1)]
+        return [[_influence(j + 1, pos[j], ent[h], rel[r], ent[t], h, r, t, sc[j]) for j, (h, r, t) in enumerate(trip[:c])]
+                for trip, pos, sc, c in zip(triples, positions, scores, counts.tolist(), strict=True)]
 
     # ------------------------------------------------------------------ public rankings
 
@@ -608,7 +618,7 @@ class TracinIndex:
             if len(union):
                 ps = exact[np.searchsorted(union, np.maximum(pi, 0))]
                 os_ = exact[np.searchsorted(union, np.maximum(oi, 0))]
-        r = self._result(torch.zeros(3, dtype=torch.long), s, pi, ps, oi, os_)
+        r = self._results(torch.zeros(1, 3, dtype=torch.long), s, pi[None], ps[None], oi[None], os_[None])[0]
         return AggregateResult(mode=mode, num_test=len(t), proponents=r.proponents, opponents=r.opponents, top=r.top,
                                exact=rerank)
 
