@@ -368,7 +368,7 @@ def load_checkpoints(model: nn.Module, specs: list[tuple[str, float]]) -> list[C
         if p.is_dir():
             p = p / TRAINED_MODEL_FILE
         state = _state_dict_of(_torch_load(p, "checkpoint"), p)
-        state = {k: v.detach().clone().cpu() for k, v in state.items()}
+        state = {k: v.detach().cpu() for k, v in state.items()}  # torch.load's own tensors: no copy needed
         missing = sorted(set(reference) - set(state))
         extra = sorted(set(state) - set(reference))
         bad = [k for k in reference if k in state and tuple(state[k].shape) != tuple(reference[k].shape)]
@@ -484,7 +484,8 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.view(torch.uint8).numpy().data)  # the buffer itself, no copy
     return digest.hexdigest()
 
 
