@@ -123,8 +123,9 @@ def test_query_values_are_exact_and_ranked(conve_inverse: Trained, tmp_path: Pat
         assert [o.train_index for o in res.opponents] == bottom
         for item in res.proponents + res.opponents:
             assert item.influence == pytest.approx(float(full[m, item.train_index]), rel=1e-5, abs=1e-9)
-        h, r, t = index._labels(index.triples[res.proponents[0].train_index])
-        assert (res.proponents[0].head, res.proponents[0].relation, res.proponents[0].tail) == (h, r, t)
+        h, r, t = index.triples[res.proponents[0].train_index].tolist()
+        ent, rel = index.labels.entity_labels, index.labels.relation_labels
+        assert (res.proponents[0].head, res.proponents[0].relation, res.proponents[0].tail) == (ent[h], rel[r], ent[t])
 
 
 def test_reranked_queries_equal_with_and_without_the_activation_cache(conve_inverse: Trained, tmp_path: Path) -> None:

@@ -198,12 +198,16 @@ class GradientComputer:
         ``self.share_rows``), and returns the blocks of the path later calls take (``batch_last`` as in
         ``__call__``).
         """
-        blocks, batch_grads = self._run(triples, check=True)
-        for param, block, full in zip(self.tracked, blocks, batch_grads, strict=True):
+        # each trial triple twice, so that every row has a twin to share with; these blocks (unfolded: the
+        # encoders to fold are found by this run) are also the reference of the layout and sharing trials
+        few = triples[:BATCH_LAST_TRIAL]
+        twice = torch.cat([few, few])
+        plain, batch_grads = self._run(twice, check=True)
+        for param, block, full in zip(self.tracked, plain, batch_grads, strict=True):
             mine = _sum_over_batch(block, param)
             ref = full if full is not None else torch.zeros_like(mine)
-            err = (mine - ref).abs().max().item()  # NaN or inf when either holds one (max propagates NaN)
-            scale = ref.abs().max().item()
+            err = _peak(mine - ref)  # NaN or inf when either holds one (the extremes propagate NaN)
+            scale = _peak(ref)
             if not (math.isfinite(err) and math.isfinite(scale)):
                 break  # NaN/inf: reported as a diverged model by the caller, not as a coverage problem
             scale = max(scale, 1e-12)
@@ -213,18 +217,13 @@ class GradientComputer:
                     "the parameter is used outside its layer's per-row forward (e.g. the whole entity table in "
                     "1-N scoring); track other layers or use --loss bce"
                 )
-        if self.folded:  # these rows from the path later calls take (folded, in the caller's layout)
-            if self.feeds_cache is None:
-                self.share_rows = False
-            else:  # each trial triple twice, so that every row has a twin to share with
-                few = triples[:BATCH_LAST_TRIAL]
-                twice = torch.cat([few, few])
-                plain, _ = self._run(twice, check=False)
-                self.batch_last = self.batch_last and self._same_blocks(twice, plain, batch_last=True)
-                self.share_rows = self._same_blocks(twice, plain, batch_last=self.batch_last, share=True)
-            blocks, _ = self._run(triples, check=False, batch_last=batch_last and self.batch_last, share=self.share_rows)
+        if self.feeds_cache is not None:
+            self.batch_last = self.batch_last and self._same_blocks(twice, plain, batch_last=True)
+            self.share_rows = self._same_blocks(twice, plain, batch_last=self.batch_last, share=True)
         else:
             self.share_rows = False
+        # the caller's rows from the path later calls take (folded, in the caller's layout)
+        blocks, _ = self._run(triples, check=False, batch_last=batch_last and self.batch_last, share=self.share_rows)
         return blocks
 
     def _same_blocks(self, triples: torch.Tensor, plain: list[GradBlock], batch_last: bool,
@@ -448,6 +447,14 @@ def _tensors(block: GradBlock) -> list[torch.Tensor]:
     if isinstance(block, OuterGrad):
         return [block.u, block.full_v()]
     return [block.values] if isinstance(block, DenseGrad) else [block.index, block.values]
+
+
+def _peak(x: torch.Tensor) -> float:
+    """The largest ``|value|`` of ``x`` (NaN when it holds one), from one pass over it."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x)
+    return max(-float(lo), float(hi))
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
