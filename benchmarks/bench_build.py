@@ -5,6 +5,7 @@ entity per 18.7 triples, FB15k-237's ratio), ConvE at pykeen's defaults (d=200, 
 10368x200 Linear), random-initialised. Prints markdown tables; nothing is downloaded.
 
     python benchmarks/bench_build.py [--triples 20000] [--no-inverse] [--batch-size 1024] [--threads 2]
+                                     [--device cuda] [--projection sparse|gaussian]
     python benchmarks/bench_build.py --series 10000,100000,1000000 [--plot benchmarks/scaling.png]
 
 One run: both floors (N rows; 2N rows, as inverse triples score every triple in both directions),
@@ -57,14 +58,19 @@ def synthetic_bundle(n: int, entities: int, relations: int, root: Path, inverse:
     return ModelBundle(model=model, triples=data, source={"path": str(path), "kind": "module"})
 
 
-def forward_floor(model, mapped: torch.Tensor, batch_size: int, both_directions: bool) -> float:  # type: ignore[no-untyped-def]
+def forward_floor(model, mapped: torch.Tensor, batch_size: int, both_directions: bool,  # type: ignore[no-untyped-def]
+                  device: torch.device | None = None) -> float:
     from tracin_index.model import internal_rows
 
+    device = device or torch.device("cpu")
+    model.to(device)
     started = time.perf_counter()
     with torch.no_grad():
         for s in range(0, mapped.shape[0], batch_size):
-            rows, _ = internal_rows(model, mapped[s : s + batch_size])
+            rows, _ = internal_rows(model, mapped[s : s + batch_size].to(device))
             model.score_hrt(rows if both_directions else rows[: min(batch_size, mapped.shape[0] - s)])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
@@ -72,7 +78,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def one_run(n: int, batch_size: int, dim: int, inverse: bool, floor_rows: int, queries: int) -> dict[str, Any]:
+def one_run(n: int, batch_size: int, dim: int, inverse: bool, floor_rows: int, queries: int, device: str = "cpu",
+            kind: str = "sparse") -> dict[str, Any]:
     """Build the index of ``n`` synthetic triples; every figure of one row of the tables."""
     from tracin_index import BuildConfig, ProjectionSpec, build_index, open_index
     from tracin_index.search import TorchSearcher, make_searcher
@@ -84,11 +91,13 @@ def one_run(n: int, batch_size: int, dim: int, inverse: bool, floor_rows: int, q
         bundle = synthetic_bundle(n, entities_for(n), 237, root, inverse)
         mapped = bundle.triples.mapped
         m = min(n, floor_rows)  # floors are linear in N: measured on a prefix, scaled to N
-        forward_floor(bundle.model, mapped[:2048], batch_size, True)  # warm-up
-        out["floor_1_s"] = forward_floor(bundle.model, mapped[:m], batch_size, False) * n / m
-        out["floor_2_s"] = forward_floor(bundle.model, mapped[:m], batch_size, True) * n / m if inverse else out["floor_1_s"]
+        dev = torch.device(device)
+        forward_floor(bundle.model, mapped[:2048], batch_size, True, dev)  # warm-up
+        out["floor_1_s"] = forward_floor(bundle.model, mapped[:m], batch_size, False, dev) * n / m
+        out["floor_2_s"] = (forward_floor(bundle.model, mapped[:m], batch_size, True, dev) * n / m if inverse
+                            else out["floor_1_s"])
         out["rss_model_mb"] = peak_rss_mb()
-        config = BuildConfig(projection=ProjectionSpec("sparse", dim, 0), batch_size=batch_size)
+        config = BuildConfig(projection=ProjectionSpec(kind, dim, 0), batch_size=batch_size, device=device)
         t0 = time.perf_counter()
         store = build_index(bundle, root / "idx", config=config)
         out["build_s"] = time.perf_counter() - t0
@@ -96,7 +105,7 @@ def one_run(n: int, batch_size: int, dim: int, inverse: bool, floor_rows: int, q
         out.update({k: float(v) for k, v in store.attrs["timings"].items()})
         out["store_mb"] = sum(f.stat().st_size for f in (root / "idx").rglob("*") if f.is_file()) / 2**20
         t0 = time.perf_counter()
-        searcher = make_searcher(Store.open(root / "idx"), torch.device("cpu"))  # what open_index holds: auto
+        searcher = make_searcher(Store.open(root / "idx"), dev)  # what open_index holds: auto
         out["faiss_s"] = time.perf_counter() - t0
         out["backend"] = searcher.backend
         if isinstance(searcher, TorchSearcher):
@@ -106,7 +115,7 @@ def one_run(n: int, batch_size: int, dim: int, inverse: bool, floor_rows: int, q
             queries = min(queries, 5)  # each streamed query reads the whole store
         if queries:
             t0 = time.perf_counter()
-            index = open_index(root / "idx", model=bundle)
+            index = open_index(root / "idx", model=bundle, device=device)
             gen = torch.Generator().manual_seed(1)
             test = torch.stack([torch.randint(entities_for(n), (queries,), generator=gen),
                                 torch.randint(237, (queries,), generator=gen),
@@ -126,15 +135,15 @@ def one_run(n: int, batch_size: int, dim: int, inverse: bool, floor_rows: int, q
     return out
 
 
-def print_run(r: dict[str, Any], inverse: bool, dim: int) -> None:
+def print_run(r: dict[str, Any], inverse: bool, dim: int, kind: str = "sparse") -> None:
     n, f1, f2 = r["n"], r["floor_1_s"], r["floor_2_s"]
     print("| step | seconds | triples/s | x floor (N rows) | x floor (2N rows) |")
     print("|---|---|---|---|---|")
     steps = [("forward score_hrt, N rows (floor)", f1)]
     if inverse:
         steps.append(("forward score_hrt, 2N rows (both directions)", f2))
-    steps += [(f"build, sparse k={dim}: write units (gradients + projection + Zarr)", r["units_s"]),
-              (f"build, sparse k={dim}: total (incl. verify, publish)", r["build_s"])]
+    steps += [(f"build, {kind} k={dim}: write units (gradients + projection + Zarr)", r["units_s"]),
+              (f"build, {kind} k={dim}: total (incl. verify, publish)", r["build_s"])]
     for name, secs in steps:
         print(f"| {name} | {secs:.2f} | {n / secs:,.0f} | {secs / f1:.2f} | {secs / f2:.2f} |")
     print("\nWhere the build's time goes (Zarr writes overlap the next unit's compute; only the wait counts):\n")
@@ -142,7 +151,7 @@ def print_run(r: dict[str, Any], inverse: bool, dim: int) -> None:
     print("|---|---|---|")
     other = r["build_s"] - r["gradients_s"] - r["projection_s"] - r["zarr_wait_s"] - r["verify_s"]
     for name, secs in [("forward + backward through the tracked layers", r["gradients_s"]),
-                       ("projection (sparse TensorSketch)", r["projection_s"]),
+                       (f"projection ({'sparse TensorSketch' if kind == 'sparse' else 'gaussian'})", r["projection_s"]),
                        ("Zarr writes, waited for (overlapped total: {:.2f} s)".format(r["zarr_write_s"]), r["zarr_wait_s"]),
                        ("verify (re-reads every row through its checksum)", r["verify_s"]),
                        ("other (checks, store creation, publish)", other),
@@ -163,6 +172,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=0, help="ad-hoc queries timed after the build (series: 20)")
     parser.add_argument("--series", help="comma-separated N, each run in a fresh process")
     parser.add_argument("--plot", help="with --series: write the scaling plot here (PNG)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: the floors, the build and the queries run there")
+    parser.add_argument("--projection", default="sparse", choices=("sparse", "gaussian"))
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.getLogger("pykeen").setLevel(logging.ERROR)
@@ -173,13 +184,14 @@ def main() -> None:
     inverse = not args.no_inverse
     header = (f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
               f"ConvE d=200 ({'inverse triples' if inverse else 'no inverse triples'}), batch {args.batch_size}, "
-              f"last:2 layers, sparse k={args.dim}")
+              f"last:2 layers, {args.projection} k={args.dim}, device {args.device}")
     if args.series:
         results = []
         for n in [int(x) for x in args.series.split(",")]:
             cmd = [sys.executable, __file__, "--triples", str(n), "--json", "--queries", str(args.queries or 20),
                    "--threads", str(args.threads), "--dim", str(args.dim), "--batch-size", str(args.batch_size),
-                   "--floor-rows", str(args.floor_rows)] + (["--no-inverse"] if args.no_inverse else [])
+                   "--floor-rows", str(args.floor_rows), "--device", args.device, "--projection", args.projection,
+                   ] + (["--no-inverse"] if args.no_inverse else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"done N={n:,}", file=sys.stderr)
@@ -196,12 +208,13 @@ def main() -> None:
         if args.plot:
             plot(results, args.plot)
         return
-    r = one_run(args.triples, args.batch_size, args.dim, inverse, args.floor_rows, args.queries)
+    r = one_run(args.triples, args.batch_size, args.dim, inverse, args.floor_rows, args.queries, args.device,
+                args.projection)
     if args.json:
         print(json.dumps(r))
         return
     print(f"\n{header}; {args.triples:,} training triples\n")
-    print_run(r, inverse, args.dim)
+    print_run(r, inverse, args.dim, args.projection)
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
