@@ -36,6 +36,7 @@ __all__ = [
     "OuterGrad",
     "RowsGrad",
     "TrackedParam",
+    "cat_parts",
     "concat",
     "densify",
     "inner",
@@ -427,7 +428,7 @@ class GradientComputer:
         if p.kind == "outer":
             us = [_to_rmajor(d.reshape(d.shape[0], -1, d.shape[-1]), batch, per) for _, d in calls]
             vs = [_to_rmajor(x.reshape(x.shape[0], -1, x.shape[-1]), batch, per) for x, _ in calls]
-            return OuterGrad(u=_cat0(us).detach(), v=_cat0(vs).detach())
+            return OuterGrad(u=cat_parts(us).detach(), v=cat_parts(vs).detach())
         if p.kind == "rows":
             idx, val = [], []
             for x, d in calls:
@@ -540,8 +541,9 @@ def _distinct_rows(x: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Te
     return rows.reshape(m, *x.shape[1:]), inverse
 
 
-def _cat0(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+def cat_parts(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.cat``, without its copy of a lone part (one call of a module, one batch, one checkpoint)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _to_rmajor(t: torch.Tensor, batch: int, per: int) -> torch.Tensor:
@@ -694,15 +696,7 @@ def _shared_dots(x: torch.Tensor, y: torch.Tensor, sa: torch.Tensor, cols: torch
     if na * u_ <= DENSE_PAIRS * distinct.shape[0]:
         full = (x.reshape(r_ * na, f) @ y.T).reshape(r_, na * u_)
         return full[:, keys].reshape(r_, p_, per)
-    rows_k = torch.div(distinct, u_, rounding_mode="floor")
-    crow = torch.zeros(na + 1, dtype=torch.long, device=x.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows_k, minlength=na), 0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        zeros = torch.zeros(distinct.shape[0], dtype=x.dtype, device=x.device)
-        pattern = torch.sparse_csr_tensor(crow, distinct - rows_k * u_, zeros, (na, u_), check_invariants=False)
-        vals = torch.stack([torch.sparse.sampled_addmm(pattern, x[r].contiguous(), y.T, beta=0.0).values()
-                            for r in range(r_)])
+    vals = torch.stack([_sampled_dots(x[r].contiguous(), y, distinct) for r in range(r_)])
     return vals[:, inverse].reshape(r_, p_, per)
 
 
@@ -767,9 +761,8 @@ def _shared_grams(v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``(B, R, R)``: ``v[index[r, b]] . v[index[s, b]]`` for distinct rows ``v (U, f)``, ``index (R, B)``.
 
     Squared norms once per distinct row; the cross terms are the entries of ``v v^T`` that some triple
-    asks for, each distinct pair once, by one sampled product (``torch.sparse.sampled_addmm``): each
-    entry a dot product of two rows, so the same bytes for any thread count or set of pairs (UMLS's
-    5,216 pairs among 1,560 rows: 8 against 46 ms gathering both rows of 16 triples at a time).
+    asks for, each distinct pair once, by one sampled product (``_sampled_dots``; UMLS's 5,216 pairs
+    among 1,560 rows: 8 against 46 ms gathering both rows of 16 triples at a time).
     """
     r_, b_ = index.shape
     v = v if v.stride(-1) == 1 else v.contiguous()
@@ -785,17 +778,23 @@ def _shared_grams(v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _row_dots(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(P,)``: ``v[a[p]] . v[b[p]]`` for rows ``v (U, f)``, each distinct pair computed once."""
-    u_ = v.shape[0]
-    pairs, inverse = torch.unique(a * u_ + b, sorted=True, return_inverse=True)  # CSR order: by a, then b
-    rows = torch.div(pairs, u_, rounding_mode="floor")
-    crow = torch.zeros(u_ + 1, dtype=torch.long, device=v.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=u_), 0)
+    pairs, inverse = torch.unique(a * v.shape[0] + b, sorted=True, return_inverse=True)
+    return _sampled_dots(v, v, pairs)[inverse]
+
+
+def _sampled_dots(x: torch.Tensor, y: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """``x[i] . y[j]`` for each of ``pairs``, sorted distinct keys ``i * len(y) + j`` (a CSR pattern over
+    ``x``'s rows), by one ``torch.sparse.sampled_addmm``: a dot product per pair, so the same bytes for any
+    thread count or set of pairs."""
+    n_x, n_y = x.shape[0], y.shape[0]
+    rows = torch.div(pairs, n_y, rounding_mode="floor")
+    crow = torch.zeros(n_x + 1, dtype=torch.long, device=x.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_x), 0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        mask = torch.sparse_csr_tensor(crow, pairs - rows * u_, v.new_zeros(pairs.shape[0]), (u_, u_),
-                                       check_invariants=False)
-        dots = torch.sparse.sampled_addmm(mask, v, v.T, beta=0.0)
-    return dots.values()[inverse]
+        pattern = torch.sparse_csr_tensor(crow, pairs - rows * n_y, x.new_zeros(pairs.shape[0]), (n_x, n_y),
+                                          check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, x, y.T, beta=0.0).values()
 
 
 def densify(blocks: list[GradBlock]) -> torch.Tensor:

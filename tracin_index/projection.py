@@ -208,7 +208,6 @@ class SketchProjector(Projector):
         assert total is not None
         return total
 
-
     def _tensor_sketch(self, blk: OuterGrad, j: int) -> torch.Tensor:
         """``(B, k)``: ``sum_r TensorSketch(u_r (x) v_r)`` = ``irfft(sum_r rfft(CS u_r) * rfft(CS v_r))``.
 

@@ -21,6 +21,7 @@ from .gradients import (
     GradientComputer,
     OuterGrad,
     TrackedParam,
+    cat_parts,
     concat,
     describe_parameters,
     inner,
@@ -48,11 +49,6 @@ class Rows:
     blocks: list[list[GradBlock]]
     acts: torch.Tensor | None = None
     peak: float = 0.0  # the largest |value| of ``rows``
-
-
-def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """``torch.cat``, without its copy of a lone part (one batch, one checkpoint: UMLS's 21 MB of rows twice)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 class Tracer:
@@ -172,13 +168,13 @@ class Tracer:
                     assert out is not None, "keep_acts needs a cache module (activation_cache)"
                     b = batch.shape[0]
                     acts_c.append(out.reshape(-1, b, out.shape[1]).transpose(0, 1).reshape(b, -1))  # (b, R*out)
-            parts.append(_cat(proj))
-            norms.append(_cat(sq))
+            parts.append(cat_parts(proj))
+            norms.append(cat_parts(sq))
             if keep_blocks:
                 kept.append(concat(blocks_c))
             if keep_acts:
-                acts.append(_cat(acts_c))
-        rows = _cat(parts, dim=1)
+                acts.append(cat_parts(acts_c))
+        rows = cat_parts(parts, dim=1)
         sq_all = torch.stack(norms, dim=1)
         # one pass for both extremes (NaN propagates into them), against 14 ms of isfinite per UMLS build; the
         # row-wise check only finds the row to name
@@ -190,7 +186,7 @@ class Tracer:
                 f"the gradient of triple {triples[i].tolist()} is NaN or infinite; the model (or a checkpoint) "
                 "has diverged: index a healthy checkpoint"
             )
-        return Rows(rows=rows, sq_norms=sq_all, blocks=kept, acts=_cat(acts, dim=1) if keep_acts else None,
+        return Rows(rows=rows, sq_norms=sq_all, blocks=kept, acts=cat_parts(acts, dim=1) if keep_acts else None,
                     peak=max(-lo, hi))
 
     def _batch_end(self, triples: torch.Tensor, start: int, batch_size: int, probe: bool = True) -> int:
