@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model, open_index
-from tracin_index.gradients import OuterGrad
+from tracin_index.engine import Engine, describe_parameters
+from tracin_index.forms import OuterGrad, SharedOuterGrad, densify
+from tracin_index.losses import get_loss
 from tracin_index.model import internal_rows, select_parameters
+from tracin_index.plan import probe
 
 from .conftest import Trained, exact_ends, reference_gradients
 
@@ -87,21 +90,25 @@ def test_exact_mode_equals_autograd_loop(fixture: str, layers: str, loss: str, r
     assert torch.allclose(got, expected[pair_test, pair_train], rtol=1e-4, atol=1e-4 * scale)
     # with the stored outputs, the encoder may hand the Linear's input over in oneDNN's channels-last order
     # (the test rows permuted to match); values as above
-    reordered = set(index.tracer.computer.v_order)
+    reordered: set[str] = set()
+    if acts is not None:
+        run = index.tracer._train_gradients(bundle.triples.mapped[train_idx[:16]], 0, 0, (acts[0], acts[1][:16]), True)
+        reordered = set(run.v_order)
     assert reordered == ({"interaction.hr1d.0"} if cacheable and torch.backends.mkldnn.is_available() else set())
     # ConvE's encoder runs folded (BatchNorms into the convolution) exactly when no tracked layer precedes it
     folded = fixture.startswith("conve") and layers == "last:2"
-    assert set(index.tracer.computer.folded) == ({"interaction.hr2d"} if folded else set())
+    plan = index.tracer.plan
+    assert set(plan.folded) == ({"interaction.hr2d"} if folded else set())
+    assert store.attrs["plan"] == plan.to_dict()
     # ... and, for projected rows (the build's, these stored ones), writes its output batch-innermost
-    computer = index.tracer.computer
-    assert (computer.feeds_cache == "interaction.hr2d" and computer.batch_last) == folded
+    assert (plan.feeds_cache == "interaction.hr2d" and plan.batch_last) == folded
     # ... and runs it (and the Linear) once per distinct (head, relation) input: Nations' training rows share them
-    assert computer.share_rows == folded
+    assert plan.share_rows == folded
     if folded:
-        v = index.tracer.gradients(test, 0, batch_last=True)[0].v  # type: ignore[union-attr]
+        v = index.tracer.gradients(test, 0, batch_last=True).blocks[0].v  # type: ignore[attr-defined]
         assert v.stride(-1) != 1 and v.permute(2, 0, 1).is_contiguous()  # memory (features, R, B)
-        train_blk = index.tracer.gradients(bundle.triples.mapped[:256], 0, batch_last=True)[0]
-        assert isinstance(train_blk, OuterGrad) and train_blk.index is not None and computer.last_distinct < 0.75
+        run = index.tracer.gradients(bundle.triples.mapped[:256], 0, batch_last=True)
+        assert isinstance(run.blocks[0], SharedOuterGrad) and run.distinct < 0.75
     cached = dict(index.tracer.model.named_modules()).get("interaction.hr1d.0")
     if cached is not None:  # ConvE: the stored outputs stand in for the layer's matmul exactly when cached
         assert any(m is cached for m in linear_calls) == (not cacheable)
@@ -190,12 +197,9 @@ def test_batch_last_layout_is_kept_only_where_the_model_takes_it(consume: str, k
     """The first checked run tries the batch-innermost encoder output on a few triples: kept when the model
     gives the same blocks with it, dropped when it cannot view it or reads other values. Either way the
     blocks equal a plain autograd loop."""
-    from tracin_index.gradients import GradientComputer, densify, describe_parameters
-    from tracin_index.losses import get_loss
-
     model = _ConvToy(consume).eval()
     names = ["lin.weight", "lin.bias"]
-    computer = GradientComputer(model, describe_parameters(model, names), get_loss("bce"))
+    engine = Engine(model, describe_parameters(model, names), get_loss("bce"))
     # every row's encoder input distinct (emb(h) * emb(t): no pair {h, t} twice), so no row shares it
     triples = torch.tensor([[i, 0, (i + 1) % 10] for i in range(10)] + [[0, 0, 3], [1, 0, 4]])
     ref = []
@@ -204,13 +208,13 @@ def test_batch_last_layout_is_kept_only_where_the_model_takes_it(consume: str, k
         grads = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names])
         ref.append(torch.cat([g.reshape(-1) for g in grads]))
     expected = torch.stack(ref)
-    first = computer.checked(triples, batch_last=True)
-    assert set(computer.folded) == {"enc"} and computer.feeds_cache == "enc"
-    assert computer.batch_last == kept
-    later = computer(triples, batch_last=True)
-    v = later[0].v  # type: ignore[union-attr]
+    plan = probe(engine, triples).plan
+    assert plan.folded == ("enc",) and plan.feeds_cache == "enc"
+    assert plan.batch_last == kept
+    later = engine.run(triples, plan, batch_last=True).blocks
+    v = later[0].v  # type: ignore[attr-defined]
     assert (v.stride(-1) != 1) == kept  # batch innermost exactly when kept
-    for blocks in (first, later, computer(triples)):
+    for blocks in (engine.run(triples, plan.plain()).blocks, later, engine.run(triples, plan).blocks):
         assert torch.allclose(densify(blocks), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -238,55 +242,41 @@ def test_rows_share_their_encoder_input_only_where_the_model_takes_it(consume: s
     """The first checked run tries sharing rows with the same encoder input (each twice): kept when the model
     takes the encoder's distinct rows and gives the same blocks, dropped when it needs a row per internal row.
     Either way, in either layout, the blocks equal a plain autograd loop."""
-    from tracin_index.gradients import GradientComputer, densify, describe_parameters
-    from tracin_index.losses import get_loss
-
     model = _ConvToy(consume).eval()
     model.use_inverse_triples = inverse
     names = ["lin.weight", "lin.bias"]
-    computer = GradientComputer(model, describe_parameters(model, names), get_loss("bce"))
+    engine = Engine(model, describe_parameters(model, names), get_loss("bce"))
     triples = _twins(inverse)
     expected = _autograd_rows(model, triples, names)
-    first = computer.checked(triples, batch_last=True)
-    assert computer.share_rows == kept
+    plan = probe(engine, triples).plan
+    assert plan.share_rows == kept
     for batch_last in (True, False):
-        blocks = computer(triples, batch_last=batch_last)
-        blk = blocks[0]
-        assert isinstance(blk, OuterGrad) and (blk.index is not None) == kept
-        if kept:
-            assert blk.index is not None and blk.v.shape[0] == 6 and blk.index.shape == (2 if inverse else 1, 18)
-            assert computer.last_distinct == pytest.approx(6 / (36 if inverse else 18))
-        assert torch.allclose(densify(blocks), expected, rtol=1e-4, atol=1e-5)
-    assert torch.allclose(densify(first), expected, rtol=1e-4, atol=1e-5)
+        run = engine.run(triples, plan, batch_last=batch_last)
+        blk = run.blocks[0]
+        assert isinstance(blk, OuterGrad) and isinstance(blk, SharedOuterGrad) == kept
+        if isinstance(blk, SharedOuterGrad):
+            assert blk.v.shape[0] == 6 and blk.index.shape == (2 if inverse else 1, 18)
+            assert run.distinct == pytest.approx(6 / (36 if inverse else 18))
+        assert torch.allclose(densify(run.blocks), expected, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(densify(engine.run(triples, plan.plain()).blocks), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("inverse", [False, True])
 def test_shared_rows_give_the_same_products_norms_and_projections(inverse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every consumer of blocks with shared ``v`` rows (inner products, pair products on both paths, norms,
     both projections, concat, select) equals the same blocks with a row each, against float64 truth."""
-    import tracin_index.gradients as G
-    from tracin_index.gradients import (
-        GradientComputer,
-        concat,
-        densify,
-        describe_parameters,
-        inner,
-        inner_pairs,
-        select,
-        sq_norms,
-    )
-    from tracin_index.losses import get_loss
+    import tracin_index.forms as G
+    from tracin_index.forms import concat, inner, inner_pairs, select, sq_norms
     from tracin_index.projection import ProjectionSpec, make_projector
 
     model = _ConvToy("view").eval()
     model.use_inverse_triples = inverse
     tracked = describe_parameters(model, ["lin.weight", "lin.bias"])
-    computer = GradientComputer(model, tracked, get_loss("bce"))
+    engine = Engine(model, tracked, get_loss("bce"))
     triples = _twins(inverse)
-    computer.checked(triples)
-    shared = computer(triples)
-    assert isinstance(shared[0], OuterGrad) and shared[0].index is not None
-    plain = [OuterGrad(b.u, b.full_v()) if isinstance(b, OuterGrad) else b for b in shared]
+    shared = engine.run(triples, probe(engine, triples).plan).blocks
+    assert isinstance(shared[0], SharedOuterGrad)
+    plain = [OuterGrad(b.u, b.full_v()) if isinstance(b, SharedOuterGrad) else b for b in shared]
     dense = densify(plain).double()
     assert torch.allclose(densify(shared).double(), dense)
     assert torch.allclose(sq_norms(shared).double(), (dense * dense).sum(1), rtol=1e-5)
@@ -312,7 +302,7 @@ def test_shared_rows_give_the_same_products_norms_and_projections(inverse: bool,
 def test_distinct_rows_groups_equal_rows_and_never_merges_different_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     """Equal rows are grouped (checked against ``torch.unique(dim=0)``); a batch with too few repeats, rows that are
     not one per internal row, a NaN, or two different rows with equal keys make it decline."""
-    import tracin_index.gradients as G
+    import tracin_index.plan as G
 
     gen = torch.Generator().manual_seed(7)
     distinct = torch.randn(4, 2, 3, generator=gen)
@@ -378,7 +368,7 @@ def test_batches_grow_while_rows_share_inputs_and_give_the_same_rows(conve_inver
 def test_norms_of_batch_innermost_rows_equal_the_plain_sum(r: int, b: int, f: int) -> None:
     """Squared gradient norms from ``v`` laid out batch-innermost (feature blocks of GRAM_CHUNK and a partial
     last block) equal those of the per-triple gradient itself, in float64."""
-    from tracin_index.gradients import OuterGrad, sq_norms
+    from tracin_index.forms import sq_norms
 
     gen = torch.Generator().manual_seed(5)
     u = torch.randn(r, b, 3, generator=gen)
@@ -392,6 +382,6 @@ def test_norms_of_batch_innermost_rows_equal_the_plain_sum(r: int, b: int, f: in
     distinct = torch.randn(f, 3, generator=gen)  # 3 distinct rows, batch innermost
     index = torch.randint(3, (r, b), generator=gen)
     for rows in (distinct.T, distinct.T.contiguous()):
-        got = sq_norms([OuterGrad(u=u, v=rows, index=index)])
+        got = sq_norms([SharedOuterGrad(u=u, v=rows, index=index)])
         g = torch.einsum("rbo,rbi->boi", u.double(), rows.double()[index]).reshape(b, -1)
         assert torch.allclose(got.double(), (g * g).sum(1), rtol=1e-5)

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model, projection
-from tracin_index.gradients import GradientComputer, OuterGrad, densify, describe_parameters, inner
+from tracin_index import BuildConfig, ProjectionSpec, build_index, forms, load_model
+from tracin_index.engine import Engine, describe_parameters
+from tracin_index.forms import SharedOuterGrad, densify, inner
 from tracin_index.losses import get_loss
 from tracin_index.model import select_parameters
+from tracin_index.plan import probe
 from tracin_index.projection import GaussianProjector, SketchProjector, _key, hash64, make_projector
 
 from .conftest import Trained
@@ -39,8 +41,9 @@ def _blocks(trained: Trained, layers: str, n: int = 6) -> tuple[list, list]:
     bundle = load_model(trained.directory)
     names = select_parameters(bundle.model, layers, bundle.triples.mapped[:2])
     tracked = describe_parameters(bundle.model, names)
-    blocks = GradientComputer(bundle.model, tracked, get_loss("bce")).checked(bundle.triples.mapped[:n])
-    return tracked, blocks
+    engine = Engine(bundle.model, tracked, get_loss("bce"))
+    triples = bundle.triples.mapped[:n]
+    return tracked, engine.run(triples, probe(engine, triples).plan).blocks
 
 
 @pytest.mark.parametrize("block_bytes", [None, 1])
@@ -49,12 +52,12 @@ def test_tensorsketch_equals_countsketch_of_the_outer_product(conve_inverse: Tra
     """Against the CountSketch of the dense outer products; ``block_bytes=1``: the CPU path's blocks of
     16 triples, with the same bytes as one block (shared ``v`` rows included)."""
     tracked, blocks = _blocks(conve_inverse, "interaction.hr1d.0.weight", n=40)
-    assert isinstance(blocks[0], OuterGrad) and blocks[0].index is not None  # rows share their encoder input
+    assert isinstance(blocks[0], SharedOuterGrad)  # rows share their encoder input
     k = 257
     proj = SketchProjector(ProjectionSpec("sparse", k, 5), tracked, torch.device("cpu"), 0)
     if block_bytes is not None:
         whole = proj(blocks)
-        monkeypatch.setattr(projection, "SKETCH_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(forms, "SKETCH_BLOCK_BYTES", block_bytes)
         assert torch.equal(proj(blocks), whole)
     out_dim, in_dim = tracked[0].shape
     h0 = hash64(_key(5, 0, 0), torch.arange(out_dim))
@@ -154,12 +157,12 @@ def test_countsketch_same_bytes_for_any_thread_count_or_batch_split(n: int, batc
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        whole = proj._countsketch(rows(0, 300), 0, 1)
+        whole = proj.countsketch(rows(0, 300), 0, 1)
         torch.set_num_threads(1)
-        single = proj._countsketch(rows(0, 300), 0, 1)
+        single = proj.countsketch(rows(0, 300), 0, 1)
     finally:
         torch.set_num_threads(threads)
-    split = torch.cat([proj._countsketch(rows(0, 113), 0, 1), proj._countsketch(rows(113, 300), 0, 1)])
+    split = torch.cat([proj.countsketch(rows(0, 113), 0, 1), proj.countsketch(rows(113, 300), 0, 1)])
     assert rows(0, 300).T.is_contiguous() == batch_innermost
     assert torch.equal(whole, single) and torch.equal(whole, split)
     bucket, sign = proj._fixed(0, 1, n)

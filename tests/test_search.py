@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tracin_index import gradients
-from tracin_index.gradients import DenseGrad, OuterGrad, RowsGrad, inner, inner_pairs
+from tracin_index import forms
+from tracin_index.forms import DenseGrad, OuterGrad, RowsGrad, inner, inner_pairs
 from tracin_index.search import PREFILTER_QUERIES, Int8Rows, TorchSearcher, prefilter_scan, quantize_rows, scan
 
 
@@ -51,7 +51,7 @@ def _blocks(n: int, gen: torch.Generator) -> list:
 @pytest.mark.parametrize("dense_pairs", [0, 16])
 def test_inner_pairs_equals_the_dense_inner_product(dense_pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both kernels: the sampled product (few pairs per matrix) and the dense GEMM (many)."""
-    monkeypatch.setattr(gradients, "DENSE_PAIRS", dense_pairs)
+    monkeypatch.setattr(forms, "DENSE_PAIRS", dense_pairs)
     gen = torch.Generator().manual_seed(0)
     a, b = _blocks(13, gen), _blocks(29, gen)
     ia, ib = torch.randint(13, (200,), generator=gen), torch.randint(29, (200,), generator=gen)  # any order, repeats

@@ -24,7 +24,7 @@ from .model import ModelBundle, load_checkpoints, select_parameters, triples_fin
 from .projection import DEFAULT_MEMORY, ProjectionSpec
 from .runtime import resolve_device, tune_allocator
 from .store import BUILDS, SCHEMA_VERSION, BuildLock, Store, builds, latest_build, publish, remove_build, write_atomic
-from .tracer import Tracer
+from .tracer import GRADIENT_MEMORY, Tracer
 from .verify import verify_rows
 
 __all__ = ["BuildConfig", "build_index", "build_shard", "finalize_build", "parse_shard", "prepare_build", "sample_rows",
@@ -49,8 +49,9 @@ class BuildConfig:
     sample_seed: int = 0
     dtype: str | None = None  # stored rows: float16 (default for projections) or float32 (default for none)
     # store the first tracked Linear's outputs (float32, R * out numbers per triple and checkpoint) so the
-    # exact re-rank skips that layer's matmul; ConvE: 1,600 bytes per triple beside its 2,048 of rows
+    # exact re-rank skips that layer's matmul
     cache_activations: bool = True
+    gradient_memory: int = GRADIENT_MEMORY  # bytes one batch's gradients and activations may take
 
     def check(self) -> None:
         if self.dtype not in (None, "float16", "float32"):
@@ -68,6 +69,8 @@ class BuildConfig:
             raise InputError(f"--batch-size {self.batch_size} must be at least 1")
         if self.unit_rows < 1:
             raise InputError(f"--unit-rows {self.unit_rows} must be at least 1")
+        if self.gradient_memory < 1:
+            raise InputError(f"--gradient-memory {self.gradient_memory} must be a positive number of bytes")
 
 
 def software_versions() -> dict[str, str]:
@@ -180,7 +183,9 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
     names = select_parameters(bundle.model, config.layers, all_triples[:2])
     keep = sample_rows(all_triples, config.sample_rate, config.stratify, config.sample_seed)
     triples = all_triples[torch.from_numpy(keep)]
-    tracer = Tracer(bundle, ckpts, names, config.loss, config.projection, device, config.projection_memory)
+    tracer = Tracer(bundle, ckpts, names, config.loss, config.projection, device, config.projection_memory,
+                    config.gradient_memory)
+    probed = tracer.prepare()
     dtype = config.dtype or ("float32" if config.projection.kind == "none" else "float16")
     cache = tracer.activation_cache(all_triples[:2]) if config.cache_activations else None
     identity: dict[str, Any] = {
@@ -199,7 +204,8 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
         "schema_version": SCHEMA_VERSION,
     }
     identity_sha = _digest(identity)
-    layout = {"batch_size": config.batch_size, "unit_rows": config.unit_rows, "device": str(device)}
+    layout = {"batch_size": config.batch_size, "unit_rows": config.unit_rows, "device": str(device),
+              "gradient_memory": config.gradient_memory}
     resume_sha = _digest({"identity": identity_sha, **layout})
     attrs: dict[str, Any] = {
         **identity,
@@ -208,6 +214,8 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
         "model_source": bundle.source,
         "checkpoints": [{"name": c.name, "lr": c.lr, "sha256": c.fingerprint} for c in ckpts],
         "build": layout,
+        "plan": probed.plan.to_dict(),
+        "warnings": probed.warnings,
         "software": software_versions(),
     }
     return _Plan(tracer, triples, keep, dtype, identity_sha, resume_sha, attrs)
@@ -315,6 +323,8 @@ def _build_locked(bundle: ModelBundle, out: StorePath, checkpoints: list[tuple[s
                   progress: Callable[[int, int], None] | None, say: Callable[[str], None],
                   lock: BuildLock | None = None) -> Store:
     plan = make_plan(bundle, checkpoints, config)
+    for warning in plan.attrs["warnings"]:
+        say(f"warning: {warning}")
     if not force and (published := _up_to_date(out, plan, say)) is not None:
         return published
     with _guard(out, out):

@@ -8,7 +8,7 @@ intermediate. ConvE's ``hr2d`` (BatchNorm2d, Dropout, Conv2d, BatchNorm2d, ReLU,
 convolution and an in-place ReLU: its three passes over 10,368 floats per row were most of the exact
 re-rank's model time.
 
-Only modules that run before every tracked module use it (:class:`~tracin_index.gradients.GradientComputer`
+Only modules that run before every tracked module use it (the probe of :mod:`tracin_index.plan`
 finds them), so no gradient the tracer takes flows through them, and they run under ``no_grad``.
 Folding changes float rounding only (checked against the unfolded module in ``tests/test_exact.py``).
 """
@@ -154,24 +154,21 @@ class FoldedSequential:
     ReLUs, everything else called as is. Weights are folded again whenever a parameter or buffer of the
     module changed (a checkpoint loaded), so the steps always match the module's state.
 
-    ``any_layout``: the caller only takes inner products of this module's output rows with rows it
-    permutes the same way (the exact re-rank, whose consumer layer is replaced by stored outputs). A
-    final convolution + ReLU then runs as one oneDNN call and its channels-last memory is returned as
-    is, viewed with the module's output shape: row ``j`` of the flattened output holds canonical
-    feature ``last_perm[j]``. ``last_perm`` is None when the output came in the canonical order.
-
-    ``batch_last``: a final convolution + ReLU writes its output with the batch innermost
-    (:meth:`_Conv.relu_batch_last`), canonical feature order, other strides. For a consumer that only
-    views the output and feeds it to a Linear (ConvE's ``hr1d``); ``any_layout`` takes precedence.
+    ``layout`` (per call): ``"canonical"``, the module's own output; ``"any"``, the caller only takes inner
+    products of the output rows with rows it permutes the same way (the exact re-rank, whose consumer
+    layer is replaced by stored outputs), so a final convolution + ReLU runs as one oneDNN call and its
+    channels-last memory comes back as is, viewed with the module's output shape, with the permutation
+    (row ``j`` of the flattened output holds canonical feature ``perm[j]``); ``"batch_last"``, a final
+    convolution + ReLU writes its output with the batch innermost (:meth:`_Conv.relu_batch_last`),
+    canonical feature order, other strides, for a consumer that only views the output and feeds it to a
+    Linear (ConvE's ``hr1d``).
     """
+
+    LAYOUTS = ("canonical", "any", "batch_last")
 
     def __init__(self, module: nn.Sequential, plan: list[tuple[str, list[nn.Module]]]) -> None:
         self.module = module
         self.plan = plan
-        self.any_layout = False
-        self.batch_last = False
-        self.last_perm: torch.Tensor | None = None
-        self.last_ptr = 0  # the memory of the last reordered output
         self._key: tuple[tuple[int, int], ...] | None = None
         self._steps: list[Callable[[torch.Tensor, bool], torch.Tensor]] = []
         self._tail: _Conv | None = None  # a final convolution followed by a ReLU
@@ -201,38 +198,37 @@ class FoldedSequential:
             self._perms[(c, h, w)] = torch.arange(c * h * w).reshape(c, h, w).permute(1, 2, 0).reshape(-1)
         return self._perms[(c, h, w)]
 
-    def _as_canonical_shape(self, out: torch.Tensor) -> torch.Tensor:
-        """oneDNN's output viewed with the module's output shape; ``last_perm`` set when it is channels-last."""
+    def _as_canonical_shape(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """oneDNN's output viewed with the module's output shape, and its permutation when it is channels-last."""
         if out.dim() != 4 or out.is_contiguous():
-            return out
+            return out, None
         if out.is_contiguous(memory_format=torch.channels_last):
             n, c, h, w = out.shape
-            self.last_perm, self.last_ptr = self._perm(c, h, w), out.data_ptr()
-            return out.permute(0, 2, 3, 1).reshape(n, c, h, w)  # a view of the same memory
-        return out.contiguous()
+            return out.permute(0, 2, 3, 1).reshape(n, c, h, w), self._perm(c, h, w)  # a view of the same memory
+        return out.contiguous(), None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, layout: str = "canonical") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The module's output for ``x`` in ``layout``, and the feature permutation (None: canonical order)."""
         key = self._state_key()
         if key != self._key:
             self._build()
             self._key = key
-        self.last_perm = None
         own = False
         steps = self._steps
         with torch.no_grad():
-            tail = self._tail if (self.any_layout or self.batch_last) else None
+            tail = self._tail if layout != "canonical" else None
             if tail is not None:
                 for step in steps[:-2]:
                     x = step(x, own)
                     own = True
-                out = tail.relu_any_layout(x) if self.any_layout else tail.relu_batch_last(x)
+                out = tail.relu_any_layout(x) if layout == "any" else tail.relu_batch_last(x)
                 if out is not None:
-                    return self._as_canonical_shape(out) if self.any_layout else out
+                    return self._as_canonical_shape(out) if layout == "any" else (out, None)
                 steps = steps[-2:]
             for step in steps:
                 x = step(x, own)
                 own = True  # from here on, x is this encoder's own intermediate
-        return x
+        return x, None
 
 
 def fold(module: nn.Module) -> FoldedSequential | None:

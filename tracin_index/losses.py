@@ -1,8 +1,8 @@
 """Per-triple losses whose gradients TracIn compares, resolved by name through one table.
 
 Each loss maps ``(model, rows)`` with model-internal ``(R, 3) int64`` rows to the *sum* of the rows'
-losses. In eval mode rows are independent, so the gradient of the sum with respect to a row's
-activations is that row's own gradient.
+losses (``fn``), or to each row's loss ``(R,)`` (``per_row``). In eval mode rows are independent, so the
+gradient of the sum with respect to a row's activations is that row's own gradient.
 """
 
 from __future__ import annotations
@@ -23,24 +23,28 @@ __all__ = ["LOSSES", "DEFAULT_LOSS", "Loss", "get_loss"]
 class Loss:
     name: str
     description: str
-    fn: Callable[[Any, torch.Tensor], torch.Tensor]
+    per_row: Callable[[Any, torch.Tensor], torch.Tensor]
+
+    def fn(self, model: Any, rows: torch.Tensor) -> torch.Tensor:
+        """The rows' summed loss (a scalar)."""
+        return self.per_row(model, rows).sum()
 
 
 def _bce(model: Any, rows: torch.Tensor) -> torch.Tensor:
     # BCE with logits, label 1: softplus(-s). Under LCWA + BCE training this is exactly the positive
     # triple's own term of the objective.
-    return F.softplus(-model.score_hrt(rows)).sum()
+    return F.softplus(-model.score_hrt(rows)).reshape(-1)
 
 
 def _ce(model: Any, rows: torch.Tensor) -> torch.Tensor:
     # 1-N cross-entropy -log p(t | h, r) over all tails.
     scores = model.score_t(rows[:, :2])
-    return F.cross_entropy(scores, rows[:, 2], reduction="sum")
+    return F.cross_entropy(scores, rows[:, 2], reduction="none")
 
 
 def _score(model: Any, rows: torch.Tensor) -> torch.Tensor:
     # The raw score, negated: gradients proportional to -grad s(h, r, t), whatever the training loss.
-    return -model.score_hrt(rows).sum()
+    return -model.score_hrt(rows).reshape(-1)
 
 
 LOSSES: dict[str, Loss] = {

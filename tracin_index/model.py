@@ -28,6 +28,7 @@ __all__ = [
     "ModelBundle",
     "TriplesData",
     "forward_order",
+    "fresh_representations",
     "internal_rows",
     "load_checkpoints",
     "load_model",
@@ -296,6 +297,7 @@ def load_model(
         source["inverse_triples"] = bool(getattr(model, "use_inverse_triples", False))
 
     _check_sizes(model, triples_data)
+    fresh_representations(model)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -384,6 +386,22 @@ def load_checkpoints(model: nn.Module, specs: list[tuple[str, float]]) -> list[C
 # ---------------------------------------------------------------------------------------------- ids
 
 
+def fresh_representations(model: nn.Module) -> None:
+    """Make pykeen's graph encoders compute their representations again at the next forward.
+
+    RGCN's and CompGCN's encoders keep the entity representations of their last forward: a copy computed
+    without gradients during evaluation (saved with the model, kept across checkpoint loads), through
+    which no parameter of the encoder gets a gradient and every checkpoint scores with stale values.
+    Their caches are dropped here (RGCN's also switched off); the engine calls this before each forward.
+    """
+    for mod in model.modules():
+        if hasattr(mod, "enriched_embeddings"):  # pykeen.nn.message_passing.RGCNRepresentation
+            setattr(mod, "enriched_embeddings", None)  # noqa: B010 - a plain attribute, typed by nn.Module as a tensor
+            setattr(mod, "cache", False)  # noqa: B010
+        if hasattr(mod, "enriched_representations"):  # pykeen.nn.representation.CombinedCompGCNRepresentations
+            setattr(mod, "enriched_representations", None)  # noqa: B010
+
+
 def internal_rows(model: nn.Module, triples: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Model-internal rows for ``(B, 3)`` raw-id triples, and rows per triple.
 
@@ -419,6 +437,7 @@ def forward_order(model: Any, probe: torch.Tensor) -> list[str]:
         handles.append(modules[name].register_forward_pre_hook(hook))
     try:
         rows, _ = internal_rows(model, probe)
+        fresh_representations(model)
         with torch.no_grad():
             model.score_hrt(rows.to(_device_of(model)))
     finally:

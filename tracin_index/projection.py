@@ -22,17 +22,14 @@ from typing import Any
 import torch
 
 from .errors import InputError
-from .gradients import DenseGrad, GradBlock, OuterGrad, RowsGrad, TrackedParam, densify
+from .forms import GradBlock, TrackedParam, densify
 
 __all__ = ["PROJECTIONS", "ProjectionSpec", "Projector", "make_projector", "hash64"]
 
 CHUNK = 1 << 15  # columns of P generated at once by the gaussian kind (part of its definition)
-SMALL_SKETCH = 1024  # up to this many columns, a CountSketch on the CPU is an index_add_ (measured faster)
+SMALL_SKETCH = 1024  # up to this many columns, a CountSketch on the CPU is an index_add_
 MAX_EXACT_DIM = 1 << 20  # refuse --projection none beyond this many tracked numbers per triple
 DEFAULT_MEMORY = 1 << 30  # bytes of cached gaussian chunks
-# bytes of each complex intermediate (u's spectra, v's gathered spectra) per step of the CPU TensorSketch:
-# in cache, 256 UMLS triples x 2 rows x 513 bins at k=1024 (measured 34 -> 24 ms for 5,216 triples)
-SKETCH_BLOCK_BYTES = 1 << 21
 
 _MASK64 = (1 << 64) - 1
 
@@ -132,7 +129,7 @@ class SketchProjector(Projector):
         self.device = device
         self._cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _hashes(self, j: int, mode: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def hashes(self, j: int, mode: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = hash64(_key(self.seed, j, mode), coords)
         bucket = _lsr(h, 1) % self.k
         sign = (h & 1).to(torch.float32) * 2 - 1
@@ -140,7 +137,7 @@ class SketchProjector(Projector):
 
     def _fixed(self, j: int, mode: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if (j, mode) not in self._cache:
-            self._cache[(j, mode)] = self._hashes(j, mode, torch.arange(n, device=self.device))
+            self._cache[(j, mode)] = self.hashes(j, mode, torch.arange(n, device=self.device))
         return self._cache[(j, mode)]
 
     def _signed_buckets(self, j: int, mode: int, n: int) -> torch.Tensor:
@@ -164,15 +161,14 @@ class SketchProjector(Projector):
             self._cache[key] = (csr, sign)
         return self._cache[key][0]
 
-    def _countsketch(self, x: torch.Tensor, j: int, mode: int) -> torch.Tensor:
+    def countsketch(self, x: torch.Tensor, j: int, mode: int) -> torch.Tensor:
         """``x (..., n) -> (..., k)``, along the last axis whatever the strides.
 
-        On the CPU, from ``SMALL_SKETCH`` columns, without a signed copy of ``x`` and with the same bytes for
-        any thread count or batch split: rows scattered into ``2k`` bins, a positive and a negative one
-        per bucket, then one subtraction (13 against 20 ms for dense x CSR, 18 for ``index_add_``, over
-        UMLS's 1,560 x 10,368 shared rows), or CSR x dense when ``x``'s rows come batch-innermost (a
-        ``batch_last`` encoder's output; 5 against 20 ms for 2,048 such rows). Narrower blocks (biases,
-        BatchNorm, a Linear's output side) take ``index_add_``: 0.3 against 1.0 ms for 1,024 x 200.
+        On the CPU, wider than ``SMALL_SKETCH`` columns, without a signed copy of ``x`` and with the same
+        bytes for any thread count or batch split: rows scattered into ``2k`` bins, a positive and a
+        negative one per bucket, then one subtraction; or CSR x dense when ``x``'s rows come
+        batch-innermost (a ``batch_last`` encoder's output), which reads them contiguously. Narrower blocks
+        (biases, BatchNorm, a Linear's output side) take ``index_add_``.
         """
         n = x.shape[-1]
         if x.device.type == "cpu" and x.dtype == torch.float32 and n > SMALL_SKETCH:
@@ -192,42 +188,7 @@ class SketchProjector(Projector):
         return out
 
     def __call__(self, blocks: list[GradBlock]) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        for j, blk in enumerate(blocks):
-            if isinstance(blk, DenseGrad):
-                part = self._countsketch(blk.values, j, 0)
-            elif isinstance(blk, OuterGrad):
-                part = self._tensor_sketch(blk, j)
-            else:
-                b, _, d = blk.values.shape
-                coords = blk.index.unsqueeze(-1) * d + torch.arange(d, device=blk.index.device)
-                bucket, sign = self._hashes(j, 0, coords)
-                part = torch.zeros(b, self.k, device=blk.values.device)
-                part.scatter_add_(1, bucket.reshape(b, -1), (blk.values * sign).reshape(b, -1))
-            total = part if total is None else total + part
-        assert total is not None
-        return total
-
-    def _tensor_sketch(self, blk: OuterGrad, j: int) -> torch.Tensor:
-        """``(B, k)``: ``sum_r TensorSketch(u_r (x) v_r)`` = ``irfft(sum_r rfft(CS u_r) * rfft(CS v_r))``.
-
-        ``v``'s spectra come once per distinct row (``blk.index``), for all triples at once (its
-        CountSketch is a sparse product that wants every row). On the CPU the rest goes
-        ``SKETCH_BLOCK_BYTES`` of spectra at a time, in cache: the per-row operations are the same, so
-        are the bytes, for any block.
-        """
-        cv = torch.fft.rfft(self._countsketch(blk.v, j, 1), n=self.k)  # (R, B, bins), or (U, bins) when shared
-        r_, b_ = blk.u.shape[:2]
-        # a multiple of 16 triples: the FFTs run rows in SIMD groups, and a block whose rows end inside a group
-        # would round its last rows differently from one FFT over the whole batch
-        step = b_ if blk.u.device.type != "cpu" else max(16, SKETCH_BLOCK_BYTES // (8 * r_ * cv.shape[-1]) // 16 * 16)
-        out = blk.u.new_empty(b_, self.k)
-        for s in range(0, b_, step):
-            e = min(b_, s + step)
-            spectra = torch.fft.rfft(self._countsketch(blk.u[:, s:e], j, 0), n=self.k)
-            spectra.mul_(cv[:, s:e] if blk.index is None else cv[blk.index[:, s:e]])
-            out[s:e] = torch.fft.irfft(spectra.sum(0), n=self.k)
-        return out
+        return _sum([blk.countsketch(self, j) for j, blk in enumerate(blocks)])
 
 
 class GaussianProjector(Projector):
@@ -251,6 +212,12 @@ class GaussianProjector(Projector):
     def _rows_per_chunk(self, p: TrackedParam) -> int:
         return max(1, CHUNK // self._rows_cols(p)[1])
 
+    def layout(self, j: int) -> tuple[int, int, int]:
+        """Parameter ``j`` as a matrix for P's chunks: ``(rows, cols, rows per chunk)``."""
+        p = self.params[j]
+        rows, cols = self._rows_cols(p)
+        return rows, cols, self._rows_per_chunk(p)
+
     def chunk(self, j: int, c: int) -> torch.Tensor:
         """Chunk ``c`` of parameter ``j``'s block of P: ``(k, rows_in_chunk * cols) float32`` on the device."""
         key = (j, c)
@@ -272,51 +239,14 @@ class GaussianProjector(Projector):
         return block
 
     def __call__(self, blocks: list[GradBlock]) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        for j, blk in enumerate(blocks):
-            p = self.params[j]
-            rows, cols = self._rows_cols(p)
-            n = self._rows_per_chunk(p)
-            chunks = range((rows + n - 1) // n)
-            if isinstance(blk, DenseGrad):
-                part = sum(blk.values[:, c * n * cols : (c + 1) * n * cols] @ self.chunk(j, c).T for c in chunks)
-            elif isinstance(blk, OuterGrad):
-                part = self._outer(blk, j, n, chunks)
-            else:
-                part = self._rows(blk, j, n, cols)
-            assert isinstance(part, torch.Tensor)
-            total = part if total is None else total + part
-        assert total is not None
-        return total
+        return _sum([blk.gaussian(self, j) for j, blk in enumerate(blocks)])
 
-    def _outer(self, blk: OuterGrad, j: int, n: int, chunks: range) -> torch.Tensor:
-        r, b, _ = blk.u.shape
-        u = blk.u.reshape(r * b, -1)
-        v, index = (blk.v.reshape(r * b, -1), None) if blk.index is None else (blk.v, blk.index.reshape(-1))
-        out = torch.zeros(b * r, self.k, device=u.device)
-        for c in chunks:
-            pc = self.chunk(j, c)
-            rows_c = pc.shape[1] // v.shape[1]
-            # (b*r, in) @ (in, k * rows_c) -> (b*r, k, rows_c), weighted by u's rows of this chunk
-            t = (v @ pc.reshape(self.k * rows_c, v.shape[1]).T).reshape(v.shape[0], self.k, rows_c)
-            if index is not None:  # once per distinct row of v
-                t = t[index]
-            out += (t * u[:, None, c * n : c * n + rows_c]).sum(-1)
-        return out.reshape(r, b, self.k).sum(0)
 
-    def _rows(self, blk: RowsGrad, j: int, n: int, d: int) -> torch.Tensor:
-        b, r, _ = blk.values.shape
-        out = torch.zeros(b, self.k, device=blk.values.device)
-        which = blk.index // n
-        for c in torch.unique(which).tolist():
-            pc = self.chunk(j, int(c))
-            rows_c = pc.shape[1] // d
-            mask = which == c
-            local = torch.zeros(b, rows_c, d, device=out.device)
-            idx = torch.where(mask, blk.index - c * n, 0)
-            local.scatter_add_(1, idx.unsqueeze(-1).expand(b, r, d), blk.values * mask.unsqueeze(-1))
-            out += local.reshape(b, -1) @ pc.T
-        return out
+def _sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 PROJECTIONS: dict[str, Callable[[ProjectionSpec, list[TrackedParam], torch.device, int], Projector]] = {

@@ -15,28 +15,28 @@ from typing import Any
 
 import torch
 
+from .engine import Engine, Pass, describe_parameters
 from .errors import InputError
-from .gradients import (
-    GradBlock,
-    GradientComputer,
-    OuterGrad,
-    TrackedParam,
-    cat_parts,
-    concat,
-    describe_parameters,
-    inner,
-    inner_pairs,
-    sq_norms,
-)
+from .forms import GradBlock, TrackedParam, concat, inner, inner_pairs, sq_norms
+from .linalg import cat_parts
 from .losses import get_loss
 from .model import Checkpoint, ModelBundle
+from .plan import Plan, Probe, input_keys, probe
 from .projection import DEFAULT_MEMORY, ProjectionSpec, make_projector
 
-__all__ = ["Rows", "Tracer"]
+__all__ = ["Rows", "Tracer", "probe_triples"]
 
 ANY_LAYOUT_FLOATS = 1 << 24  # test v columns (64 MiB) up to which exact_pairs permutes them for the candidates' order
 SHARED_GROWTH = 16  # batches grow up to this many times batch_size while their rows share encoder inputs
 PROBE_TRIPLES = 32_768  # ... and up to this many triples (the probe's forward to the encoder holds their inputs)
+GRADIENT_MEMORY = 4 << 30  # default bytes one batch's gradients and activations may take
+
+
+def probe_triples(triples: torch.Tensor, n: int = 8) -> torch.Tensor:
+    """``n`` triples spread evenly over ``triples (N, 3)``: the ones a model's plan is probed on."""
+    if triples.shape[0] <= n:
+        return triples
+    return triples[torch.linspace(0, triples.shape[0] - 1, n).long()]
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Tracer:
         projection: ProjectionSpec,
         device: torch.device,
         projection_memory: int = DEFAULT_MEMORY,
+        memory: int = GRADIENT_MEMORY,
     ) -> None:
         self.bundle = bundle
         self.model = bundle.model.to(device)
@@ -72,9 +73,10 @@ class Tracer:
         self.loss = get_loss(loss)
         self.spec = projection
         self.projector = make_projector(projection, self.tracked, device, projection_memory)
-        self.computer = GradientComputer(self.model, self.tracked, self.loss)
+        self.engine = Engine(self.model, self.tracked, self.loss)
+        self.memory = memory
+        self.probed: Probe | None = None  # set once by prepare()
         self._loaded: int | None = None
-        self._checked = False
         self._seconds = {"gradients_s": 0.0, "projection_s": 0.0}  # accumulated by rows(), for build reports
         self._events: list[tuple[Any, Any, Any]] = []  # CUDA: (start, gradients done, projection done), unread
 
@@ -107,26 +109,50 @@ class Tracer:
             self.model.eval()
             self._loaded = c
 
+    @property
+    def plan(self) -> Plan:
+        """How the engine runs this model (found by :meth:`prepare` on first use)."""
+        if self.probed is None:
+            raise RuntimeError("Tracer.prepare() has not run")
+        return self.probed.plan
+
+    def prepare(self) -> Probe:
+        """Probe the model at the first checkpoint on a few training triples (once): the plan, the warnings
+        about tracked parameters, the memory per triple. Refuses a model whose single triple does not fit
+        ``memory`` bytes."""
+        if self.probed is None:
+            self.use_checkpoint(0)
+            found = probe(self.engine, probe_triples(self.bundle.triples.mapped))
+            if found.bytes_per_triple > self.memory:
+                name, size = found.largest
+                raise InputError(
+                    f"one triple's gradients take {found.bytes_per_triple / 2**20:,.0f} MiB ({name}: {size / 2**20:,.0f} "
+                    f"MiB), more than the {self.memory / 2**20:,.0f} MiB budget; track fewer layers (e.g. --layers "
+                    "last:2) or raise the budget (--memory)")
+            self.probed = found
+        return self.probed
+
+    def fit(self, batch_size: int) -> int:
+        """``batch_size`` shrunk so that a batch's gradients and activations fit the memory budget."""
+        per = max(1, self.probed.bytes_per_triple if self.probed is not None else 1)
+        return max(1, min(batch_size, self.memory // per))
+
     def gradients(self, triples: torch.Tensor, c: int, outputs: dict[str, torch.Tensor] | None = None,
-                  any_layout: bool = False, batch_last: bool = False) -> list[GradBlock]:
-        """Blocks of checkpoint ``c`` for raw-id triples ``(B, 3) int64``; the first call checks coverage
-        (and finds the cache module). ``outputs``, ``any_layout`` and ``batch_last``: as
-        ``GradientComputer.__call__`` takes them; ``outputs`` and ``any_layout`` ignored by the checking
-        call, and ``outputs`` for any other module."""
+                  any_layout: bool = False, batch_last: bool = False) -> Pass:
+        """Blocks of checkpoint ``c`` for raw-id triples ``(B, 3) int64`` under the plan. ``outputs``,
+        ``any_layout`` and ``batch_last``: as ``Engine.run`` takes them; ``outputs`` for any module but the
+        plan's cache module is ignored."""
+        self.prepare()
         self.use_checkpoint(c)
-        if not self._checked:
-            self._checked = True
-            return self.computer.checked(triples, batch_last=batch_last)
-        if outputs is not None and set(outputs) != {self.computer.cache_module}:
+        if outputs is not None and set(outputs) != {self.plan.cache_module}:
             outputs = None
-        return self.computer(triples, outputs, any_layout=any_layout, batch_last=batch_last)
+        return self.engine.run(triples, self.plan, stored=outputs, any_layout=any_layout, batch_last=batch_last)
 
     def activation_cache(self, probe: torch.Tensor) -> dict[str, Any] | None:
-        """The layer whose outputs a build can store for the re-rank (see ``GradientComputer.cache_module``):
+        """The layer whose outputs a build can store for the re-rank (the plan's cache module):
         ``{"module", "width"}`` (``width`` = C * R * out numbers per triple), or None. Runs ``probe`` once."""
-        self.gradients(probe, 0)
-        name = self.computer.cache_module
-        out = self.computer.last_output
+        out = self.gradients(probe, 0).cache_output
+        name = self.plan.cache_module
         if name is None or out is None:
             return None
         per = out.shape[0] // probe.shape[0]
@@ -139,6 +165,8 @@ class Tracer:
         ``keep_acts``: also the cache module's outputs (:meth:`activation_cache`), for the store.
         """
         parts, norms, kept, acts = [], [], [], []
+        self.prepare()
+        batch_size = self.fit(batch_size)
         for c, ckpt in enumerate(self.checkpoints):
             proj, sq, blocks_c, acts_c = [], [], [], []
             start, probe = 0, True
@@ -148,8 +176,9 @@ class Tracer:
                 start = end
                 t0 = self._mark()
                 # projected rows: v may come batch-innermost; kept blocks feed pair products, which want rows
-                blocks = self.gradients(batch, c, batch_last=not keep_blocks)
-                probe = self.computer.last_distinct < 1.0  # rows that never share are not probed again
+                run = self.gradients(batch, c, batch_last=not keep_blocks)
+                blocks = run.blocks
+                probe = run.distinct < 1.0  # rows that never share are not probed again
                 t1 = self._mark()
                 proj.append(self.projector(blocks) * math.sqrt(ckpt.lr))
                 t2 = self._mark()
@@ -164,7 +193,7 @@ class Tracer:
                 if keep_blocks:
                     blocks_c.append(blocks)
                 if keep_acts:
-                    out = self.computer.last_output
+                    out = run.cache_output
                     assert out is not None, "keep_acts needs a cache module (activation_cache)"
                     b = batch.shape[0]
                     acts_c.append(out.reshape(-1, b, out.shape[1]).transpose(0, 1).reshape(b, -1))  # (b, R*out)
@@ -193,12 +222,11 @@ class Tracer:
         """Where the batch from ``start`` ends: ``batch_size`` triples, or up to ``SHARED_GROWTH`` times as
         many while their rows hold at most 1.5x ``batch_size``'s rows' worth of distinct encoder inputs.
 
-        Rows that share their encoder input (``GradientComputer.share_rows``) cost only their distinct rows
-        in the encoder, the Linear, the sketch of ``v`` and the re-rank's ``v`` products, and a bigger batch
-        shares more (UMLS: 29% of a 1,024-triple batch's rows are distinct, 15% of all 5,216), so the
-        distinct inputs of the largest candidate batch are counted first, from the model's forward up to
-        the encoder (``GradientComputer.input_keys``; a few ms), and the largest batch within the budget
-        is taken. Memory stays that of ``batch_size`` unshared triples, give or take the narrow per-row side.
+        Rows that share their encoder input (the plan's ``share_rows``) cost only their distinct rows in
+        the encoder, the Linear, the sketch of ``v`` and the re-rank's ``v`` products, and a bigger batch
+        shares more, so the distinct inputs of the largest candidate batch are counted first, from the
+        model's forward up to the encoder (:func:`~tracin_index.plan.input_keys`), and the largest batch
+        within the budget is taken. Memory stays that of ``batch_size`` unshared triples, give or take the narrow per-row side.
         """
         n = triples.shape[0]
         plain = min(n, start + batch_size)
@@ -207,7 +235,7 @@ class Tracer:
             g //= 2
         if not probe or plain == n or g == 1:
             return plain
-        keys = self.computer.input_keys(triples[start : start + batch_size * g])
+        keys = input_keys(self.engine, self.plan, triples[start : start + batch_size * g])
         if keys is None:
             return plain
         budget = 1.5 * batch_size * keys.shape[0]
@@ -237,10 +265,12 @@ class Tracer:
         row: with reciprocal gradient norms this is the cosine mode, ``sum_c lr_c cos(g_c, g'_c)``.
         """
         total: torch.Tensor | None = None
+        self.prepare()
+        batch_size = self.fit(batch_size)
         for c, ckpt in enumerate(self.checkpoints):
             chunks = []
             for s in range(0, len(train), batch_size):
-                part = inner(test_blocks[c], self.gradients(train[s : s + batch_size], c))
+                part = inner(test_blocks[c], self.gradients(train[s : s + batch_size], c).blocks)
                 if train_scale is not None:
                     part = part * train_scale[s : s + batch_size, c].to(part)[None, :]
                 chunks.append(part)
@@ -252,24 +282,19 @@ class Tracer:
         return total
 
     def _train_gradients(self, train: torch.Tensor, c: int, start: int,
-                         acts: tuple[str, torch.Tensor] | None, any_layout: bool) -> list[GradBlock]:
+                         acts: tuple[str, torch.Tensor] | None, any_layout: bool) -> Pass:
         if acts is None:
             return self.gradients(train, c)
         name, table = acts
-        b, out_f = train.shape[0], int(self.computer.modules[name].out_features)
+        b, out_f = train.shape[0], int(self.engine.modules[name].out_features)
         mine = table[start : start + b].reshape(b, len(self.checkpoints), -1, out_f)[:, c]  # (b, R, out)
         return self.gradients(train, c, {name: mine.transpose(0, 1).reshape(-1, out_f)},  # row r * b + j
                               any_layout=any_layout)
 
     def _in_order(self, blocks: list[GradBlock], order: dict[str, torch.Tensor]) -> list[GradBlock]:
-        """``blocks`` with the ``v`` columns of each module in ``order`` permuted to that order."""
-        out: list[GradBlock] = []
-        for p, blk in zip(self.tracked, blocks, strict=True):
-            perm = order.get(p.module)
-            if perm is not None and isinstance(blk, OuterGrad):
-                blk = OuterGrad(blk.u, blk.v[..., perm.to(blk.v.device)], blk.index)
-            out.append(blk)
-        return out
+        """``blocks`` with the input features of each module in ``order`` permuted to that order."""
+        return [blk.reordered(order[p.module]) if p.module in order else blk
+                for p, blk in zip(self.tracked, blocks, strict=True)]
 
     def exact_pairs(
         self,
@@ -296,9 +321,11 @@ class Tracer:
         total = torch.zeros(n_pairs)
         if n_pairs == 0:
             return total
-        # a few tests: their v columns are cheap to permute, so the candidates' encoder may skip its reorder
-        test_floats = sum(blk.v.numel() for blocks in test_blocks for blk in blocks if isinstance(blk, OuterGrad))
+        # a few tests: their blocks are cheap to permute, so the candidates' encoder may skip its reorder
+        test_floats = sum(blk.nbytes // 4 for blocks in test_blocks for blk in blocks)
         any_layout = train_acts is not None and test_floats <= ANY_LAYOUT_FLOATS
+        self.prepare()
+        batch_size = self.fit(batch_size)
         for c, ckpt in enumerate(self.checkpoints):
             permuted: dict[int, list[GradBlock]] = {}  # test blocks in a candidate batch's feature order
             start, probe = 0, True
@@ -309,15 +336,15 @@ class Tracer:
                 if lo == hi:
                     continue
                 pt, pr = pair_test[lo:hi], pair_train[lo:hi] - s
-                train_blocks = self._train_gradients(train[s:e], c, s, train_acts, any_layout)
-                probe = self.computer.last_distinct < 1.0
+                run = self._train_gradients(train[s:e], c, s, train_acts, any_layout)
+                probe = run.distinct < 1.0
                 mine = test_blocks[c]
-                if self.computer.v_order:
-                    key = id(next(iter(self.computer.v_order.values())))
+                if run.v_order:
+                    key = id(next(iter(run.v_order.values())))
                     if key not in permuted:
-                        permuted[key] = self._in_order(test_blocks[c], self.computer.v_order)
+                        permuted[key] = self._in_order(test_blocks[c], run.v_order)
                     mine = permuted[key]
-                part = inner_pairs(mine, train_blocks, pt, pr).cpu()
+                part = inner_pairs(mine, run.blocks, pt, pr).cpu()
                 if train_scale is not None:
                     part = part * train_scale[s + pr, c].to(part)
                 if test_scale is not None:

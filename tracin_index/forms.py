@@ -1,0 +1,536 @@
+"""Gradient forms: how one tracked parameter's per-triple gradients are held for a batch of triples.
+
+Each form is one class that implements everything the package asks of a block: inner products, pair
+products, squared norms, the flat vectors, joins and selections, its byte size, and its sketch under
+each projection. Adding a form means adding a class here; nothing outside this module asks a block
+for its type.
+
+- :class:`DenseGrad`: ``values (B, D)``, the flattened per-triple gradient (biases, BatchNorm, Conv, and
+  any parameter computed by the per-triple fallback);
+- :class:`RowsGrad`: the looked-up rows of an ``nn.Embedding`` table, ``index (B, R)``, ``values (B, R, d)``;
+- :class:`OuterGrad`: an ``nn.Linear`` weight, ``g_b = sum_r u[r, b] v[r, b]^T``, never materialised;
+- :class:`SharedOuterGrad`: the same with ``v`` held once per distinct input row (rows with the same
+  encoder input share it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .linalg import row_grams, sampled_dots, shared_grams
+
+if TYPE_CHECKING:
+    from .projection import GaussianProjector, SketchProjector
+
+__all__ = ["DenseGrad", "GradBlock", "OuterGrad", "Pairs", "RowsGrad", "SharedOuterGrad", "TrackedParam", "concat",
+           "densify", "inner", "inner_pairs", "select", "sq_norms"]
+
+DENSE_PAIRS = 16  # pair products take the dense product when the pairs fill at least 1/16 of the Na x Nb matrix
+# bytes of each complex intermediate (u's spectra, v's gathered spectra) per step of the CPU TensorSketch
+SKETCH_BLOCK_BYTES = 1 << 21
+
+
+@dataclass(frozen=True)
+class TrackedParam:
+    """A tracked parameter: its name, owning module, gradient form and shape."""
+
+    name: str
+    module: str
+    kind: str  # "outer" | "rows" | "dense"
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class GradBlock:
+    """Per-triple gradients of one tracked parameter for a batch of ``B`` triples."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors that define the block's values (for comparisons)."""
+        raise NotImplementedError
+
+    @property
+    def num_triples(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.nbytes) for t in vars(self).values() if isinstance(t, torch.Tensor))
+
+    def batch_sum(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The gradient of the batch's summed loss, shaped as the parameter."""
+        raise NotImplementedError
+
+    def densify(self) -> torch.Tensor:
+        """Flat per-triple gradients ``(B, D) float32``."""
+        raise NotImplementedError
+
+    def sq_norms(self) -> torch.Tensor:
+        """Exact squared norms ``(B,) float32``."""
+        raise NotImplementedError
+
+    def inner(self, other: GradBlock) -> torch.Tensor:
+        """Exact inner products ``(Na, Nb) float32`` with the same parameter's block ``other``."""
+        raise NotImplementedError
+
+    def pair_products(self, other: GradBlock, pairs: Pairs) -> torch.Tensor:
+        """Exact ``<self[sa[p]], other[sb[p]]>`` for ``pairs`` (CSR order): ``(P,) float32``."""
+        raise NotImplementedError
+
+    def select(self, index: torch.Tensor) -> GradBlock:
+        """The block restricted to the triples at ``index``."""
+        raise NotImplementedError
+
+    @classmethod
+    def concat(cls, parts: list[GradBlock]) -> GradBlock:
+        """Blocks of consecutive batches joined along the triple axis."""
+        raise NotImplementedError
+
+    def reordered(self, perm: torch.Tensor) -> GradBlock:
+        """The block with its input features in ``perm``'s order (only forms with an input side change)."""
+        return self
+
+    def countsketch(self, sk: SketchProjector, j: int) -> torch.Tensor:
+        """The CountSketch ``(B, k)`` of each triple's gradient, as parameter ``j`` of ``sk``."""
+        raise NotImplementedError
+
+    def gaussian(self, gp: GaussianProjector, j: int) -> torch.Tensor:
+        """The dense Gaussian projection ``(B, k)`` of each triple's gradient, as parameter ``j`` of ``gp``."""
+        raise NotImplementedError
+
+
+class Pairs:
+    """Pairs ``(ia[p], ib[p])`` of rows of two blocks, sorted into CSR order (by ``a``'s row, then ``b``'s).
+
+    ``dense``: the pairs fill at least ``1 / DENSE_PAIRS`` of the ``Na x Nb`` matrix, so the full product
+    and a gather cost less than a sampled product.
+    """
+
+    def __init__(self, ia: torch.Tensor, ib: torch.Tensor, na: int, nb: int) -> None:
+        self.order = torch.argsort(ia * nb + ib)
+        self.sa, self.sb = ia[self.order], ib[self.order]
+        self.na, self.nb, self.n = na, nb, int(ia.shape[0])
+        self.crow = torch.zeros(na + 1, dtype=torch.long, device=ia.device)
+        self.crow[1:] = torch.cumsum(torch.bincount(self.sa, minlength=na), 0)
+        self.dense = na * nb <= DENSE_PAIRS * self.n
+
+    def dots(self, x: torch.Tensor, y: torch.Tensor, per: int = 1) -> torch.Tensor:
+        """Dots ``x[r, sa] . y[j * nb + sb]`` for ``x (R, Na, f)``, ``y (per * Nb, f)``: ``(R, P, per)``.
+
+        The ``per`` rows of ``y`` that belong to one triple (its directions) share one pass over ``x``'s
+        row. Dense pairs: one GEMM of all ``R * Na`` rows against ``y``, then the asked entries.
+        """
+        r_, na_, f = x.shape
+        sa, sb, nb = self.sa, self.sb, self.nb
+        if self.dense:
+            full = (x.reshape(r_ * na_, f) @ y.T).reshape(r_, na_, per, nb)
+            return full.permute(1, 3, 0, 2)[sa, sb].permute(1, 0, 2)
+        cols = (sb[:, None] + nb * torch.arange(per, device=sb.device)[None, :]).reshape(-1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            pattern = torch.sparse_csr_tensor(self.crow * per, cols, torch.zeros(self.n * per, dtype=x.dtype, device=x.device),
+                                              (self.na, per * nb), check_invariants=False)
+            return torch.stack([torch.sparse.sampled_addmm(pattern, x[r].contiguous(), y.T, beta=0.0).values()
+                                .reshape(self.n, per) for r in range(r_)])
+
+
+# ---------------------------------------------------------------------------------------------- dense
+
+
+@dataclass
+class DenseGrad(GradBlock):
+    """``values (B, D) float32``: the flattened per-triple gradient."""
+
+    values: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.values]
+
+    @property
+    def num_triples(self) -> int:
+        return int(self.values.shape[0])
+
+    def batch_sum(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.values.sum(0).reshape(shape)
+
+    def densify(self) -> torch.Tensor:
+        return self.values
+
+    def sq_norms(self) -> torch.Tensor:
+        return (self.values * self.values).sum(1)
+
+    def inner(self, other: GradBlock) -> torch.Tensor:
+        assert isinstance(other, DenseGrad)
+        return self.values @ other.values.T
+
+    def pair_products(self, other: GradBlock, pairs: Pairs) -> torch.Tensor:
+        assert isinstance(other, DenseGrad)
+        x, y = self.values, other.values
+        if pairs.dense:  # one small GEMM instead of gathering both sides per pair
+            return (x @ y.T)[pairs.sa, pairs.sb]
+        if x.shape[1] <= 1024:
+            return (x[pairs.sa] * y[pairs.sb]).sum(1)
+        return pairs.dots(x[None], y)[0, :, 0]
+
+    def select(self, index: torch.Tensor) -> GradBlock:
+        return DenseGrad(self.values[index])
+
+    @classmethod
+    def concat(cls, parts: list[GradBlock]) -> GradBlock:
+        return DenseGrad(torch.cat([p.values for p in parts]))  # type: ignore[attr-defined]
+
+    def countsketch(self, sk: SketchProjector, j: int) -> torch.Tensor:
+        return sk.countsketch(self.values, j, 0)
+
+    def gaussian(self, gp: GaussianProjector, j: int) -> torch.Tensor:
+        rows, cols, n = gp.layout(j)
+        out = sum(self.values[:, c * n * cols : (c + 1) * n * cols] @ gp.chunk(j, c).T for c in range((rows + n - 1) // n))
+        assert isinstance(out, torch.Tensor)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class RowsGrad(GradBlock):
+    """Per-triple sparse rows of an ``(E, d)`` table: ``index (B, R) int64``, ``values (B, R, d) float32``.
+
+    Repeated indices add up.
+    """
+
+    index: torch.Tensor
+    values: torch.Tensor
+    num_rows: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.index, self.values]
+
+    @property
+    def num_triples(self) -> int:
+        return int(self.index.shape[0])
+
+    def batch_sum(self, shape: tuple[int, ...]) -> torch.Tensor:
+        out = torch.zeros(self.num_rows, self.values.shape[-1], device=self.values.device)
+        out.index_add_(0, self.index.reshape(-1), self.values.reshape(-1, self.values.shape[-1]))
+        return out.reshape(shape)
+
+    def densify(self) -> torch.Tensor:
+        b, r, d = self.values.shape
+        out = torch.zeros(b, self.num_rows, d, device=self.values.device)
+        out.scatter_add_(1, self.index.unsqueeze(-1).expand(b, r, d), self.values)
+        return out.reshape(b, -1)
+
+    def sq_norms(self) -> torch.Tensor:
+        same = self.index[:, :, None] == self.index[:, None, :]
+        return (torch.einsum("brd,bsd->brs", self.values, self.values) * same).sum((1, 2))
+
+    def inner(self, other: GradBlock) -> torch.Tensor:
+        assert isinstance(other, RowsGrad)
+        same = self.index[:, :, None, None] == other.index[None, None, :, :]
+        dots = torch.einsum("ard,bsd->arbs", self.values, other.values)
+        return (dots * same).sum(dim=(1, 3))
+
+    def pair_products(self, other: GradBlock, pairs: Pairs) -> torch.Tensor:
+        assert isinstance(other, RowsGrad)
+        sa, sb = pairs.sa, pairs.sb
+        same = self.index[sa][:, :, None] == other.index[sb][:, None, :]
+        return (torch.einsum("prd,psd->prs", self.values[sa], other.values[sb]) * same).sum((1, 2))
+
+    def select(self, index: torch.Tensor) -> GradBlock:
+        return RowsGrad(self.index[index], self.values[index], self.num_rows)
+
+    @classmethod
+    def concat(cls, parts: list[GradBlock]) -> GradBlock:
+        first = parts[0]
+        assert isinstance(first, RowsGrad)
+        return RowsGrad(torch.cat([p.index for p in parts]), torch.cat([p.values for p in parts]),  # type: ignore[attr-defined]
+                        first.num_rows)
+
+    def countsketch(self, sk: SketchProjector, j: int) -> torch.Tensor:
+        b, _, d = self.values.shape
+        coords = self.index.unsqueeze(-1) * d + torch.arange(d, device=self.index.device)
+        bucket, sign = sk.hashes(j, 0, coords)
+        part = torch.zeros(b, sk.k, device=self.values.device)
+        part.scatter_add_(1, bucket.reshape(b, -1), (self.values * sign).reshape(b, -1))
+        return part
+
+    def gaussian(self, gp: GaussianProjector, j: int) -> torch.Tensor:
+        _, d, n = gp.layout(j)
+        b, r, _ = self.values.shape
+        out = torch.zeros(b, gp.k, device=self.values.device)
+        which = self.index // n
+        for c in torch.unique(which).tolist():
+            pc = gp.chunk(j, int(c))
+            rows_c = pc.shape[1] // d
+            mask = which == c
+            local = torch.zeros(b, rows_c, d, device=out.device)
+            idx = torch.where(mask, self.index - c * n, 0)
+            local.scatter_add_(1, idx.unsqueeze(-1).expand(b, r, d), self.values * mask.unsqueeze(-1))
+            out += local.reshape(b, -1) @ pc.T
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- outer products
+
+
+@dataclass
+class OuterGrad(GradBlock):
+    """Per-triple ``sum_r u[r] v[r]^T`` of a Linear weight; ``u (R, B, out)``, ``v (R, B, in)`` float32.
+
+    ``R`` (rows per triple: 2 with inverse triples) comes first, so the module's own input and output
+    (internal rows ``r * B + b``) are views, never copies.
+    """
+
+    u: torch.Tensor
+    v: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.u, self.full_v()]
+
+    @property
+    def num_triples(self) -> int:
+        return int(self.u.shape[1])
+
+    def full_v(self) -> torch.Tensor:
+        """``v`` as ``(R, B, in)``."""
+        return self.v
+
+    def flat_v(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows (M, in), index (R, B))``: the rows ``v`` is made of and where each internal row's is."""
+        r, b, f = self.v.shape
+        return self.v.reshape(r * b, f), torch.arange(r * b, device=self.v.device).reshape(r, b)
+
+    def _v_grams(self) -> torch.Tensor:
+        return row_grams(self.v)
+
+    def batch_sum(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.einsum("rbo,rbi->oi", self.u, self.full_v()).reshape(shape)
+
+    def densify(self) -> torch.Tensor:
+        return torch.einsum("rbo,rbi->boi", self.u, self.full_v()).reshape(self.u.shape[1], -1)
+
+    def sq_norms(self) -> torch.Tensor:
+        return (row_grams(self.u) * self._v_grams()).sum((1, 2))
+
+    def inner(self, other: GradBlock) -> torch.Tensor:
+        # <sum_r u_r v_r^T, sum_s u'_s v'_s^T> = sum_{r,s} (u_r . u'_s)(v_r . v'_s): 2 GEMMs per (r, s)
+        assert isinstance(other, OuterGrad)
+        x, y = self, other
+        out = torch.zeros(x.u.shape[1], y.u.shape[1], device=x.u.device, dtype=x.u.dtype)
+        if type(x) is OuterGrad and type(y) is OuterGrad:
+            for r in range(x.u.shape[0]):
+                for s in range(y.u.shape[0]):
+                    out += (x.u[r] @ y.u[s].T) * (x.v[r] @ y.v[s].T)
+            return out
+        (xv, xi), (yv, yi) = x.flat_v(), y.flat_v()
+        vv = xv @ yv.T  # shared rows: each distinct pair of inputs once
+        for r in range(x.u.shape[0]):
+            for s in range(y.u.shape[0]):
+                out += (x.u[r] @ y.u[s].T) * vv[xi[r][:, None], yi[s][None, :]]
+        return out
+
+    def pair_products(self, other: GradBlock, pairs: Pairs) -> torch.Tensor:
+        assert isinstance(other, OuterGrad)
+        x, y = self, other
+        sa, sb, na, nb = pairs.sa, pairs.sb, pairs.na, pairs.nb
+        per = y.u.shape[0]
+        if isinstance(y, SharedOuterGrad):
+            vdots = _shared_dots(x.full_v(), y.v, sa, y.index[:, sb].T)
+        else:  # (R, P, per); row s * nb + b of y: direction s of triple b
+            vdots = pairs.dots(x.full_v(), y.v.reshape(per * nb, -1), per)
+        if pairs.dense:  # all test x candidate products of the narrow side, then the asked ones
+            full_u = (x.u.reshape(-1, x.u.shape[-1]) @ y.u.reshape(per * nb, -1).T).reshape(-1, na, per, nb)
+            udots = full_u.permute(0, 1, 3, 2)[:, sa, sb]  # (R, P, per)
+        else:
+            udots = torch.einsum("rpf,spf->rps", x.u[:, sa], y.u[:, sb])
+        return (udots * vdots).sum((0, 2))
+
+    def select(self, index: torch.Tensor) -> GradBlock:
+        return OuterGrad(self.u[:, index], self.v[:, index])
+
+    @classmethod
+    def concat(cls, parts: list[GradBlock]) -> GradBlock:
+        outer = [p for p in parts if isinstance(p, OuterGrad)]
+        assert len(outer) == len(parts)
+        u = torch.cat([g.u for g in outer], 1)
+        if all(type(g) is OuterGrad for g in outer):
+            return OuterGrad(u, torch.cat([g.v for g in outer], 1))
+        vs, idx, offset = [], [], 0
+        for g in outer:
+            v, i = g.flat_v()
+            vs.append(v)
+            idx.append(i + offset)
+            offset += v.shape[0]
+        return SharedOuterGrad(u, torch.cat(vs), torch.cat(idx, 1))
+
+    def reordered(self, perm: torch.Tensor) -> GradBlock:
+        return OuterGrad(self.u, self.v[..., perm.to(self.v.device)])
+
+    def _v_spectra(self, sk: SketchProjector, j: int) -> torch.Tensor:
+        return torch.fft.rfft(sk.countsketch(self.v, j, 1), n=sk.k)  # (R, B, bins)
+
+    def _v_spectra_of(self, cv: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return cv[:, s:e]
+
+    def countsketch(self, sk: SketchProjector, j: int) -> torch.Tensor:
+        """``(B, k)``: ``sum_r TensorSketch(u_r (x) v_r)`` = ``irfft(sum_r rfft(CS u_r) * rfft(CS v_r))``.
+
+        ``v``'s spectra come for all triples at once (its CountSketch is a sparse product that wants every
+        row). On the CPU the rest goes ``SKETCH_BLOCK_BYTES`` of spectra at a time, in cache: the per-row
+        operations are the same, so are the bytes, for any block.
+        """
+        cv = self._v_spectra(sk, j)
+        r_, b_ = self.u.shape[:2]
+        # a multiple of 16 triples: the FFTs run rows in SIMD groups, and a block whose rows end inside a group
+        # would round its last rows differently from one FFT over the whole batch
+        step = b_ if self.u.device.type != "cpu" else max(16, SKETCH_BLOCK_BYTES // (8 * r_ * cv.shape[-1]) // 16 * 16)
+        out = self.u.new_empty(b_, sk.k)
+        for s in range(0, b_, step):
+            e = min(b_, s + step)
+            spectra = torch.fft.rfft(sk.countsketch(self.u[:, s:e], j, 0), n=sk.k)
+            spectra.mul_(self._v_spectra_of(cv, s, e))
+            out[s:e] = torch.fft.irfft(spectra.sum(0), n=sk.k)
+        return out
+
+    def _v_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``v`` as rows ``(M, in)`` and, when shared, each internal row's distinct row ``(R * B,)``."""
+        r, b, _ = self.u.shape
+        return self.v.reshape(r * b, -1), None
+
+    def gaussian(self, gp: GaussianProjector, j: int) -> torch.Tensor:
+        rows, _, n = gp.layout(j)
+        r, b, _ = self.u.shape
+        u = self.u.reshape(r * b, -1)
+        v, index = self._v_rows()
+        out = torch.zeros(b * r, gp.k, device=u.device)
+        for c in range((rows + n - 1) // n):
+            pc = gp.chunk(j, c)
+            rows_c = pc.shape[1] // v.shape[1]
+            # (b*r, in) @ (in, k * rows_c) -> (b*r, k, rows_c), weighted by u's rows of this chunk
+            t = (v @ pc.reshape(gp.k * rows_c, v.shape[1]).T).reshape(v.shape[0], gp.k, rows_c)
+            if index is not None:  # once per distinct row of v
+                t = t[index]
+            out += (t * u[:, None, c * n : c * n + rows_c]).sum(-1)
+        return out.reshape(r, b, gp.k).sum(0)
+
+
+@dataclass
+class SharedOuterGrad(OuterGrad):
+    """An :class:`OuterGrad` whose ``v (U, in)`` holds distinct rows only: internal row ``r * B + b``'s input is
+    ``v[index[r, b]]`` (``index (R, B) int64``). Rows with the same encoder input (ConvE: the same head and
+    relation) share it."""
+
+    index: torch.Tensor
+
+    def full_v(self) -> torch.Tensor:
+        return self.v[self.index]
+
+    def flat_v(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.v, self.index
+
+    def _v_grams(self) -> torch.Tensor:
+        return shared_grams(self.v, self.index)
+
+    def select(self, index: torch.Tensor) -> GradBlock:  # the distinct rows stay whole; only the index is selected
+        return SharedOuterGrad(self.u[:, index], self.v, self.index[:, index])
+
+    def reordered(self, perm: torch.Tensor) -> GradBlock:
+        return SharedOuterGrad(self.u, self.v[..., perm.to(self.v.device)], self.index)
+
+    def _v_spectra(self, sk: SketchProjector, j: int) -> torch.Tensor:
+        return torch.fft.rfft(sk.countsketch(self.v, j, 1), n=sk.k)  # (U, bins): once per distinct row
+
+    def _v_spectra_of(self, cv: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return cv[self.index[:, s:e]]
+
+    def _v_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.v, self.index.reshape(-1)
+
+
+def _shared_dots(x: torch.Tensor, y: torch.Tensor, sa: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Dots ``x[r, sa[p]] . y[cols[p, s]]`` for ``x (R, Na, f)`` and distinct rows ``y (U, f)``: ``(R, P, per)``.
+
+    Candidates that share an input share its dot products: each distinct (test row, ``y`` row) pair is
+    computed once, by one GEMM when those pairs fill at least ``1 / DENSE_PAIRS`` of the ``Na x U``
+    matrix, else by a sampled product over them.
+    """
+    r_, na, f = x.shape
+    u_ = y.shape[0]
+    p_, per = cols.shape
+    keys = (sa[:, None] * u_ + cols).reshape(-1)
+    distinct, inverse = torch.unique(keys, sorted=True, return_inverse=True)  # CSR order: by x's row, then y's
+    if na * u_ <= DENSE_PAIRS * distinct.shape[0]:
+        full = (x.reshape(r_ * na, f) @ y.T).reshape(r_, na * u_)
+        return full[:, keys].reshape(r_, p_, per)
+    vals = torch.stack([sampled_dots(x[r].contiguous(), y, distinct) for r in range(r_)])
+    return vals[:, inverse].reshape(r_, p_, per)
+
+
+# ---------------------------------------------------------------------------------------------- over parameters
+
+
+def _total(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def inner(a: list[GradBlock], b: list[GradBlock]) -> torch.Tensor:
+    """Exact inner products ``(Na, Nb) float32`` between two gradient sets over the same parameters."""
+    return _total([x.inner(y) for x, y in zip(a, b, strict=True)])
+
+
+def inner_pairs(a: list[GradBlock], b: list[GradBlock], ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+    """Exact ``<a[ia[p]], b[ib[p]]>`` for each pair ``p``: ``(P,) float32``, without the ``(Na, Nb)`` matrix.
+
+    A re-rank needs a few hundred pairs per test out of ``Na x Nb``: each form computes only the asked
+    products (:class:`Pairs`), or the dense product where the pairs fill much of the matrix.
+    """
+    dev = a[0].device
+    ia, ib = ia.to(dev, torch.long), ib.to(dev, torch.long)
+    if int(ia.shape[0]) == 0:
+        return torch.zeros(0, device=dev)
+    pairs = Pairs(ia, ib, a[0].num_triples, b[0].num_triples)
+    total = torch.zeros(pairs.n, device=dev)
+    for x, y in zip(a, b, strict=True):
+        total += x.pair_products(y, pairs)
+    out = torch.empty_like(total)
+    out[pairs.order] = total
+    return out
+
+
+def sq_norms(blocks: list[GradBlock]) -> torch.Tensor:
+    """Exact squared norms ``(B,) float32`` of each triple's gradient."""
+    return _total([blk.sq_norms() for blk in blocks])
+
+
+def densify(blocks: list[GradBlock]) -> torch.Tensor:
+    """Flat per-triple gradients ``(B, D) float32`` (D = total tracked size), in tracked order."""
+    return torch.cat([blk.densify() for blk in blocks], dim=1)
+
+
+def concat(parts: list[list[GradBlock]]) -> list[GradBlock]:
+    """Blocks of consecutive batches joined along the triple axis (same parameters, same R)."""
+    if len(parts) == 1:
+        return parts[0]
+    return [type(group[0]).concat(list(group)) for group in zip(*parts, strict=True)]
+
+
+def select(blocks: list[GradBlock], index: torch.Tensor) -> list[GradBlock]:
+    """The same blocks restricted to the triples at ``index``."""
+    return [blk.select(index) for blk in blocks]
