@@ -22,7 +22,7 @@ from .location import StorePath, Where, location
 from .losses import DEFAULT_LOSS
 from .model import ModelBundle, load_checkpoints, select_parameters, triples_fingerprint
 from .projection import DEFAULT_MEMORY, ProjectionSpec
-from .runtime import resolve_device, tune_allocator
+from .runtime import resolve_device
 from .store import BUILDS, SCHEMA_VERSION, BuildLock, Store, builds, latest_build, publish, remove_build, write_atomic
 from .tracer import Tracer
 from .verify import verify_rows
@@ -143,7 +143,6 @@ def build_index(
     """
     config = config or BuildConfig()
     config.check()
-    tune_allocator()
     out = location(out)
     say = log or (lambda _msg: None)
     checkpoints = checkpoints or []

@@ -200,7 +200,7 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
     from .errors import InputError
     from .projection import ProjectionSpec
     from .runtime import configure_threads
-    configure_threads(threads)
+    configure_threads(threads, tune_allocator=True)
     started = time.perf_counter()
     config = BuildConfig(layers=layers, loss=loss, projection=ProjectionSpec(projection, dim, seed),
                          batch_size=batch_size, device=device, sample_rate=sample_rate, stratify=stratify,
@@ -391,7 +391,7 @@ def query(index: StorePath, triple: tuple[str, ...], top_k: int, mode: str, rela
     """Top proponents and opponents of test triples in INDEX."""
     from .runtime import configure_threads
 
-    configure_threads(threads)
+    configure_threads(threads, tune_allocator=True)
     idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory)
     results = idx.query(list(triple), k=top_k, mode=mode, relations=list(relation) or None, neighbourhood=neighbourhood,
                         candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank)
@@ -478,7 +478,7 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relatio
     from .results import output_format, write_records, write_scores
     from .runtime import configure_threads
 
-    configure_threads(threads)
+    configure_threads(threads, tune_allocator=True)
     output_format(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
@@ -618,7 +618,7 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
     from .results import write_records, write_scores
     from .runtime import configure_threads
 
-    configure_threads(threads)
+    configure_threads(threads, tune_allocator=True)
     started = time.perf_counter()
     suffix = output.suffix.lower()
     if suffix not in (".json", ".jsonl", ".parquet"):

@@ -41,7 +41,7 @@ class ShardWorker:
                  threads: int, die_after_units: int | None = None) -> None:
         from .runtime import configure_threads
 
-        configure_threads(threads)
+        configure_threads(threads, tune_allocator=True)
         self.bundle, self.out, self.checkpoints, self.config = bundle, location(out), checkpoints, config
         self.plan: Any = None
         self.die_after_units = die_after_units  # fault injection for the tests: exit hard mid-shard

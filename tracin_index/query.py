@@ -34,7 +34,7 @@ from .model import (
     triples_fingerprint,
 )
 from .projection import ProjectionSpec
-from .runtime import resolve_device, tune_allocator
+from .runtime import resolve_device
 from .search import available_memory, load_rows, make_searcher
 from .store import Store
 from .tracer import Tracer
@@ -671,7 +671,6 @@ def open_index(
     of at most ``memory`` bytes in RAM at a time: stores larger than memory). ``memory``: the bytes the
     search may hold (default: the in-memory index if it fits in half the available RAM, else 256 MiB blocks).
     """
-    tune_allocator()
     store = Store.open(path)
     attrs = store.attrs
     if model is None:

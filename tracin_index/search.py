@@ -34,6 +34,7 @@ import faiss
 import numpy as np
 import torch
 
+from . import backend
 from .errors import InputError
 from .store import Store
 
@@ -219,10 +220,11 @@ atexit.register(_stop_packing)
 class Int8Rows:
     """int8 codes of the rows (:func:`quantize_rows`) and their exact integer products with a few queries.
 
-    Products come from ``torch._int_mm`` until :meth:`pack` has laid the codes out for oneDNN's u8 x s8
-    GEMM (``onednn::qlinear_pointwise``: 12 against 16 ms for 272k x 1024 and one query; the layout
-    takes about 1.2 s, so ``open_index`` runs it on a background thread). Both give the exact int32
-    sums converted to float32, so which one answers never changes a result (checked when packing).
+    Products come from :func:`~tracin_index.backend.int_mm` until :meth:`pack` has laid the codes out for
+    oneDNN's u8 x s8 GEMM (:func:`~tracin_index.backend.int8_matmul_packed`, faster per query; the layout
+    takes a while, so ``open_index`` runs it on a background thread). Both give the exact int32 sums
+    converted to float32, so which one answers never changes a result (checked when packing). With the
+    backend ``plain`` (:func:`tracin_index.backend.use`) nothing is packed.
     """
 
     BLOCK = 65536  # rows per packed block
@@ -257,7 +259,7 @@ class Int8Rows:
         return self._packed is not None
 
     def pack(self, background: bool = True) -> None:
-        """Lay the codes out for oneDNN (where this torch has the op; else products stay on ``_int_mm``)."""
+        """Lay the codes out for oneDNN (where this torch has the op; else products stay on ``int_mm``)."""
         if background:
             _PACKING.add(self)  # stopped at interpreter exit: a thread inside oneDNN then would abort the process
             self._thread = threading.Thread(target=self._pack, name="tracin-index-int8-pack", daemon=True)
@@ -266,7 +268,7 @@ class Int8Rows:
             self._pack()
 
     def stop(self) -> None:
-        """Stop a background :meth:`pack` at its next block (products stay on ``_int_mm``) and wait for it."""
+        """Stop a background :meth:`pack` at its next block (products stay on ``int_mm``) and wait for it."""
         self._stop.set()
         self.wait()
 
@@ -286,24 +288,21 @@ class Int8Rows:
                     return
                 part = codes[start : start + self.BLOCK]
                 rows = part.shape[0]
-                packed.append((start, torch.ops.onednn.qlinear_prepack(part, [1, width]),
-                               torch.ones(rows), torch.zeros(rows, dtype=torch.long)))
+                packed.append((start, backend.int8_prepack(part), torch.ones(rows), torch.zeros(rows, dtype=torch.long)))
             probe = torch.randint(-127, 128, (2, width), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
             if not torch.equal(self._packed_sums(probe, packed[:1])[:, : packed[0][2].shape[0]],
-                               torch._int_mm(probe, codes[: self.BLOCK].T).to(torch.float32)):
-                return  # not the exact integer sums here: stay on _int_mm
-        except (AttributeError, RuntimeError, NotImplementedError):  # a torch build without the oneDNN op
+                               backend.int_mm(probe, codes[: self.BLOCK].T)):
+                return  # not the exact integer sums here: stay on int_mm
+        except backend.Unavailable:  # no oneDNN int8 GEMM here, or the backend is plain
             return
         self._packed = packed  # first: sums() reads the codes before the packed blocks
         self.codes = None
 
     def _packed_sums(self, q_codes: torch.Tensor, packed: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
                      ) -> torch.Tensor:
-        qx = (q_codes.to(torch.int16) + 128).to(torch.uint8)  # u8 with zero point 128: the same integers
         out = torch.empty(q_codes.shape[0], self.shape[0])
         for start, blk, ones, zeros in packed:
-            out[:, start : start + ones.shape[0]] = torch.ops.onednn.qlinear_pointwise(
-                qx, 1.0, 128, blk, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+            out[:, start : start + ones.shape[0]] = backend.int8_matmul_packed(q_codes, blk, ones, zeros)
         return out
 
     def sums(self, q_codes: torch.Tensor) -> torch.Tensor:
@@ -313,7 +312,7 @@ class Int8Rows:
         if packed is not None:
             return self._packed_sums(q_codes, packed)
         assert codes is not None
-        return torch._int_mm(q_codes, codes.T).to(torch.float32)
+        return backend.int_mm(q_codes, codes.T)
 
     def products(self, q: torch.Tensor) -> torch.Tensor:
         """Estimates ``(M, N) float32`` of the rows' products with float32 queries ``q (M, W)``."""
@@ -531,7 +530,7 @@ def make_searcher(store: Store, device: torch.device, backend: str = "auto", mem
         table = load_rows(store, "grads", torch.float16 if on_gpu else torch.float32, device,
                           each=None if int8 is None else int8.fill)
         if int8 is not None and store.num_rows >= PACK_MIN_ROWS:
-            int8.pack(background=True)  # queries use _int_mm until it is done, with the same results
+            int8.pack(background=True)  # queries use int_mm until it is done, with the same results
         checkpoints = len(store.attrs["checkpoints"])
         return TorchSearcher(table, checkpoints, prefilter=int8 is not None, int8=int8)
     index = build_flat_index(store)
