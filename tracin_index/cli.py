@@ -220,7 +220,7 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
         click.echo(msg, err=True)
 
     if shard is not None:
-        from .build import build_shard, parse_shard
+        from .shards import build_shard, parse_shard
 
         i_n = parse_shard(shard)
         with _bar(0, f"shard {shard}") as progress:
@@ -231,7 +231,7 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
                        f"({time.perf_counter() - started:.1f} s); run 'tracin-index finalize {out}' when all shards are done")
         return
     if prepare:
-        from .build import prepare_build
+        from .shards import prepare_build
 
         store = prepare_build(load(), out, checkpoints=_checkpoints(checkpoint, lr, checkpoint_dir), config=config,
                               force=force, log=say)
@@ -248,7 +248,7 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
         if not (store.build_report or {}).get("skipped"):
             click.echo(f"indexed {store.num_rows:,} rows into {out} on Ray ({time.perf_counter() - started:.1f} s)")
         return
-    from .store import BuildLock
+    from .locks import BuildLock
 
     # Lock before loading anything, so a second builder fails fast. The lock refuses a file or a foreign
     # directory as --out, and removes the directory again if it created it and nothing else came of it.
@@ -754,7 +754,7 @@ def verify(index: StorePath, no_model: bool, as_json: bool) -> None:
 @_user_errors
 def finalize(index: StorePath) -> None:
     """Distributed builds, step 3: check every shard's done flags, verify, publish the build of INDEX."""
-    from .build import finalize_build
+    from .shards import finalize_build
 
     store = finalize_build(index, log=lambda msg: click.echo(msg, err=True))
     report = store.build_report or {}
@@ -770,9 +770,10 @@ def finalize(index: StorePath) -> None:
 @_user_errors
 def gc(index: StorePath, keep: int, incomplete: bool, dry_run: bool) -> None:
     """Remove old builds of INDEX, keeping the newest --keep complete ones and the published one."""
-    from .build import PREPARED
     from .errors import InputError
-    from .store import BuildLock, Store, builds, latest_build, remove_build
+    from .locks import BuildLock
+    from .shards import PREPARED
+    from .store import Store, builds, latest_build, remove_build
 
     if keep < 1:
         raise InputError(f"--keep {keep} must be at least 1")
