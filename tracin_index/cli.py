@@ -404,7 +404,7 @@ def query(index: StorePath, triple: tuple[str, ...], top_k: int, mode: str, rela
 
 def _test_triples(idx: Any, test: str) -> Any:
     """``--test``: ``pykeen:DATASET[:SPLIT]``, else a path (a missing file is reported as such)."""
-    from .model import PYKEEN_PREFIX
+    from .triples import PYKEEN_PREFIX
 
     return idx.parse(test if test.startswith(PYKEEN_PREFIX) else Path(test))
 
