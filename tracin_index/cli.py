@@ -370,7 +370,7 @@ def parse_size(text: str | None) -> int | None:
 
 def _open(index: StorePath, model: Path | None, checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None,
           loss: str | None, device: str, search: str = "auto", memory: str | None = None) -> Any:
-    from .query import open_index
+    from .opening import open_index
 
     return open_index(index, model=model, checkpoints=_checkpoints(checkpoint, lr) if checkpoint or lr else None,
                       layers=layers, loss=loss, device=device, search=search, memory=parse_size(memory))
@@ -474,7 +474,7 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relatio
           threads: int | None) -> None:
     """Score a whole test set against INDEX into a results file (restartable: run it again after a kill)."""
     from .errors import InputError
-    from .query import TRAIN_COLUMNS
+    from .rankings import TRAIN_COLUMNS
     from .results import output_format, write_records, write_scores
     from .runtime import configure_threads
 
@@ -519,7 +519,7 @@ def self_influence(index: StorePath, top: int | None, as_json: bool, out: Path |
     """Training triples of INDEX ranked by exact self-influence (suspicious or hard triples first)."""
     from dataclasses import asdict
 
-    from .query import TRAIN_COLUMNS, self_influence_ranking
+    from .rankings import TRAIN_COLUMNS, self_influence_ranking
     from .results import output_format, write_records
 
     if out is not None:
@@ -613,8 +613,8 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
 
     from .build import BuildConfig
     from .errors import InputError
+    from .opening import open_index
     from .projection import ProjectionSpec
-    from .query import open_index
     from .results import write_records, write_scores
     from .runtime import configure_threads
 

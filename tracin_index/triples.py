@@ -10,17 +10,20 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import InputError
 
-__all__ = ["PYKEEN_PREFIX", "TriplesData", "load_label_triples", "load_test_triples", "parse_triple", "suggest"]
+__all__ = ["PYKEEN_PREFIX", "TriplesData", "load_label_triples", "load_test_triples", "parse_triple", "parse_triples",
+           "relation_ids", "suggest"]
 
 PYKEEN_PREFIX = "pykeen:"
 
@@ -225,3 +228,57 @@ def load_test_triples(spec: str | os.PathLike[str], triples: TriplesData) -> tor
             raise InputError(f"test triples directory {path} could not be read by pykeen: {exc}") from exc
         return _map_labels(factory.label_triples(factory.mapped_triples), triples, str(path))
     return load_label_triples(path, triples.entity_to_id, triples.relation_to_id)
+
+
+# ---------------------------------------------------------------------------------------------- query input
+
+
+def parse_triples(triples: Any, labels: TriplesData) -> torch.Tensor:
+    """Test triples to raw ids ``(M, 3) int64`` of the tables in ``labels``.
+
+    Accepts ``"head relation tail"`` label strings (one or a list), raw id tuples, an ``(M, 3)``
+    tensor or array, a label TSV path, a pykeen triples directory, or ``"pykeen:DATASET[:SPLIT]"``.
+    """
+    if isinstance(triples, os.PathLike) or (
+        isinstance(triples, str) and (triples.startswith(PYKEEN_PREFIX) or (os.path.exists(triples) and "\t" not in triples))
+    ):
+        return load_test_triples(triples, labels)
+    if isinstance(triples, np.ndarray):
+        triples = torch.from_numpy(triples)
+    if isinstance(triples, torch.Tensor):
+        out = triples.reshape(-1, 3).to(torch.long)
+    else:
+        single = isinstance(triples, str) or (
+            isinstance(triples, tuple | list) and len(triples) == 3 and all(isinstance(x, numbers.Integral) for x in triples))
+        rows = []
+        for item in [triples] if single else list(triples):
+            if isinstance(item, str):
+                rows.append(parse_triple(item, labels))
+            else:
+                h, r, t = (int(x) for x in item)
+                rows.append((h, r, t))
+        out = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+    num_e, num_r = len(labels.entity_labels), len(labels.relation_labels)
+    bad = (out < 0).any(1) | (out[:, 0] >= num_e) | (out[:, 2] >= num_e) | (out[:, 1] >= num_r)
+    if bool(bad.any()):
+        raise InputError(f"triple ids {out[bad][0].tolist()} are out of range ({num_e} entities, {num_r} relations)")
+    return out
+
+
+def relation_ids(relations: Sequence[str | int] | None, labels: TriplesData) -> tuple[int, ...] | None:
+    """Relation labels (or ids) to sorted ids, refusing unknown ones with the closest labels."""
+    if not relations:
+        return None
+    table, names = labels.relation_to_id, labels.relation_labels
+    out = set()
+    for r in relations:
+        if isinstance(r, int) or (isinstance(r, str) and r not in table and r.isdigit()):
+            i = int(r)
+            if not 0 <= i < len(names):
+                raise InputError(f"--relation {r}: relation id out of range (0..{len(names) - 1})")
+            out.add(i)
+        elif r in table:
+            out.add(table[r])
+        else:
+            raise InputError(f"--relation {r!r} is not a relation of this index{suggest(r, names)}")
+    return tuple(sorted(out))
