@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        from tracin_index import open_index
+        from tracin_index import backend, open_index
 
+        backend.configure(allocator=True)  # this process serves the smoke query: the CLI's allocator tuning
         index = open_index(args.out)
         smoke = args.smoke or index.triples[0]
         [result] = index.query(smoke if isinstance(smoke, str) else smoke.reshape(1, 3), k=3)

@@ -16,7 +16,7 @@ from tracin_index.runtime import configure_threads
 
 logging.getLogger("pykeen").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore")
-configure_threads(2)
+configure_threads(2, tune_allocator=True)  # as the CLI does
 
 
 @dataclass

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
 
+from tracin_index import backend
 from tracin_index.fold import fold
+
+
+@pytest.fixture(autouse=True, params=backend.MODES)
+def backend_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every case with oneDNN's fused convolution + ReLU and with the plain ``F.conv2d`` (``TRACIN_INDEX_BACKEND=plain``)."""
+    backend.use(request.param)
+    yield request.param
+    backend.use(None)
 
 
 def _randomise(seq: nn.Sequential, gen: torch.Generator) -> None:
@@ -115,3 +126,24 @@ def test_batch_last_declines_a_wide_convolution() -> None:
     assert got.is_contiguous()
     with torch.no_grad():
         assert torch.allclose(got, seq(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_any_layout_output_is_the_module_output_in_its_feature_order(padding: int, backend_mode: str) -> None:
+    """``any_layout``: row ``j`` of the flattened output holds canonical feature ``last_perm[j]`` (oneDNN's
+    channels-last memory), or the canonical order itself (``last_perm`` None, as the plain backend gives)."""
+    gen = torch.Generator().manual_seed(7)
+    seq = _conve_encoder(padding)
+    _randomise(seq, gen)
+    seq.eval()
+    folded = fold(seq)
+    assert folded is not None
+    folded.any_layout = True
+    x = torch.randn(6, 2, 10, 8, generator=gen)
+    flat = folded(x).reshape(6, -1)
+    with torch.no_grad():
+        ref = seq(x).reshape(6, -1)
+    if backend_mode == "plain":
+        assert folded.last_perm is None
+    canonical = flat if folded.last_perm is None else torch.empty_like(flat).index_copy_(1, folded.last_perm, flat)
+    assert torch.allclose(canonical, ref, rtol=1e-5, atol=1e-5)

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
-from tracin_index import forms
+from tracin_index import backend, forms
 from tracin_index.forms import DenseGrad, OuterGrad, RowsGrad, inner, inner_pairs
 from tracin_index.search import PREFILTER_QUERIES, Int8Rows, TorchSearcher, prefilter_scan, quantize_rows, scan
+
+
+@pytest.fixture(autouse=True, params=backend.MODES)
+def backend_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every case with the private kernels and with the plain fallbacks (``TRACIN_INDEX_BACKEND=plain``)."""
+    backend.use(request.param)
+    yield request.param
+    backend.use(None)
 
 
 def _brute(rows: np.ndarray, q: np.ndarray, n: int, allowed: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
@@ -122,7 +132,7 @@ def test_int8_prefilter_reports_missing_places() -> None:
     assert np.allclose(ts[0][:3], rows.numpy()[ti[0][:3]] @ q[0], rtol=1e-5, atol=1e-5)
 
 
-def test_int8_products_are_exact_integer_sums_packed_or_not() -> None:
+def test_int8_products_are_exact_integer_sums_packed_or_not(backend_mode: str) -> None:
     """Both kernels give the exact int32 sums as float32, so the background pack never changes a result."""
     rng = np.random.default_rng(4)
     rows = torch.from_numpy((rng.standard_normal((70_000, 96)) * rng.uniform(0.1, 10, (70_000, 1))).astype(np.float32))
@@ -137,17 +147,22 @@ def test_int8_products_are_exact_integer_sums_packed_or_not() -> None:
     assert torch.equal(plain, exact * int8.scale[None, :] * q_scale[:, None])
     int8.pack(background=True)
     int8.wait()
+    if backend_mode == "plain":
+        assert not int8.packed and int8.codes is not None, "the plain backend packs nothing"
+        assert torch.equal(int8.sums(q_codes), exact) and torch.equal(int8.products(q), plain)
+        return
     if not int8.packed:
         pytest.skip("this torch build has no oneDNN u8 x s8 GEMM; products stay on torch._int_mm")
     assert int8.codes is None, "the plain codes are dropped once packed"
     assert torch.equal(int8.sums(q_codes), exact) and torch.equal(int8.products(q), plain)
 
 
-def test_process_exits_cleanly_while_packing() -> None:
+def test_process_exits_cleanly_while_packing(backend_mode: str) -> None:
     """A background pack is stopped at exit (a daemon thread inside oneDNN at finalisation aborts the process)."""
     code = ("import torch; from tracin_index.search import Int8Rows; "
             "r = Int8Rows.of(torch.randn(400_000, 256)); r.pack(background=True); print('exiting')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    env = {**os.environ, "TRACIN_INDEX_BACKEND": backend_mode}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "exiting"
 
@@ -160,3 +175,17 @@ def test_a_stopped_pack_leaves_the_plain_products() -> None:
     q = torch.randn(2, 64, generator=torch.Generator().manual_seed(6))
     assert not int8.packed and int8.codes is not None
     assert int8.products(q).shape == (2, 140_000)
+
+
+@pytest.mark.parametrize("width", [1, 96, 1024, 4097])
+def test_int_mm_and_its_plain_fallback_give_the_same_exact_sums(width: int) -> None:
+    """``torch._int_mm`` and the public int32 matmul (the plain path) both give the exact integer sums rounded
+    once to float32, extremes included (sums past 2**24, where float32 rounding starts)."""
+    gen = torch.Generator().manual_seed(width)
+    a = torch.randint(-127, 128, (5, width), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (9000, width), dtype=torch.int8, generator=gen)
+    a[0], b[0], b[1] = 127, 127, -127
+    exact = (a.long() @ b.long().T).to(torch.float32)
+    assert torch.equal(backend.int_mm_plain(a, b.T), exact)
+    assert torch.equal(backend.int_mm(a, b.T), exact)
+    assert torch.equal((a.double() @ b.double().T).to(torch.float32), exact)  # float64 would do as well

@@ -18,8 +18,10 @@ from .build import BuildConfig, build_index, sample_rows
 from .errors import IndexMismatchError, InputError, StoreError, TracinError
 from .losses import LOSSES
 from .model import ModelBundle, load_model
+from .opening import open_index
 from .projection import PROJECTIONS, ProjectionSpec
-from .query import (
+from .query import TracinIndex
+from .rankings import (
     MODES,
     AggregateResult,
     Influence,
@@ -27,8 +29,6 @@ from .query import (
     Ranking,
     Results,
     ScoreSettings,
-    TracinIndex,
-    open_index,
     self_influence_ranking,
 )
 from .results import write_scores

@@ -25,10 +25,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .build import BuildConfig, finalize_build, make_plan, prepare_build, shard_units, shard_with_plan
+from .build import BuildConfig, make_plan
 from .errors import InputError, TracinError
 from .location import Where, location
 from .model import ModelBundle
+from .shards import finalize_build, prepare_build, shard_units, shard_with_plan
 from .store import Store
 
 __all__ = ["ShardWorker", "ray_build"]
@@ -41,7 +42,7 @@ class ShardWorker:
                  threads: int, die_after_units: int | None = None) -> None:
         from .runtime import configure_threads
 
-        configure_threads(threads)
+        configure_threads(threads, tune_allocator=True)
         self.bundle, self.out, self.checkpoints, self.config = bundle, location(out), checkpoints, config
         self.plan: Any = None
         self.die_after_units = die_after_units  # fault injection for the tests: exit hard mid-shard

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import backend
+
 __all__ = ["FoldedSequential", "fold"]
 
 PATCHES_PER_OUTPUT = 4  # relu_batch_last: at most (taps + 1) / output channels (ConvE: 10 / 32)
@@ -103,7 +105,7 @@ class _Conv:
         batch-last ``(taps + 1, H' * W' * N)`` (the last row ones), then the ReLU in place. A consumer that
         flattens the features (``view(N, -1)``) gets rows with stride 1 between triples: a Linear reads
         them as a transposed operand at the same speed, and the CountSketch of its input becomes a sparse
-        x dense product over contiguous rows (measured in ``benchmarks/RESULTS.md``). None off the CPU, or
+        x dense product over contiguous rows. None off the CPU, or
         where the patches would take more than ``PATCHES_PER_OUTPUT`` times the output's memory.
         """
         if x.device.type != "cpu" or x.dim() != 4 or x.dtype != self.w.dtype:
@@ -127,19 +129,15 @@ class _Conv:
 
     def relu_any_layout(self, x: torch.Tensor) -> torch.Tensor | None:
         """``relu(conv(x))`` in one oneDNN call with the weight packed once, in whatever memory format oneDNN
-        picks (channels-last here: 6.8 against 10.7 ms for ConvE's 1,200 rows, most of the difference
-        being the reorder to NCHW it skips); None where that kernel is not available."""
-        if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        picks (channels-last here, which skips a reorder to NCHW); None where that kernel is not available
+        (:func:`tracin_index.backend.conv_relu`): the caller then runs the convolution and the ReLU."""
+        if x.device.type != "cpu":
             return None
-        try:
+        if self._packed is None:
+            self._packed = backend.conv_relu_prepack(self.w, self.padding, self.stride, self.dilation, list(x.shape))
             if self._packed is None:
-                self._packed = torch.ops.mkldnn._reorder_convolution_weight(
-                    self.w, self.padding, self.stride, self.dilation, 1, list(x.shape))
-            out: torch.Tensor = torch.ops.mkldnn._convolution_pointwise(
-                x, self._packed, self.b, self.padding, self.stride, self.dilation, 1, "relu", [], "")
-            return out
-        except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops
-            return None
+                return None
+        return backend.conv_relu(x, self._packed, self.b, self.padding, self.stride, self.dilation)
 
 
 def _call(mod: nn.Module) -> Callable[[torch.Tensor, bool], torch.Tensor]:

@@ -9,208 +9,43 @@ candidate's gradient once per batch, only the asked products.
 
 from __future__ import annotations
 
-import numbers
-import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import IndexMismatchError, InputError
-from .location import Where, location
-from .model import (
-    PYKEEN_PREFIX,
-    Checkpoint,
-    ModelBundle,
-    TriplesData,
-    load_checkpoints,
-    load_model,
-    load_test_triples,
-    parse_triple,
-    select_parameters,
-    suggest,
-    triples_fingerprint,
+from .errors import InputError
+from .rankings import (
+    MODES,
+    TEST_COLUMNS,
+    TRAIN_COLUMNS,
+    AggregateResult,
+    Influence,
+    QueryResult,
+    Ranking,
+    Results,
+    ScoreSettings,
+    _influence,
+    _ranked,
+    default_candidates,
+    self_influence_ranking,
 )
-from .projection import ProjectionSpec
-from .runtime import resolve_device, tune_allocator
 from .search import available_memory, load_rows, make_searcher
 from .store import Store
 from .tracer import Tracer
+from .triples import TriplesData, parse_triples, relation_ids
 
-if TYPE_CHECKING:
-    import pandas as pd
+# the result types live in .rankings and open_index in .opening (which builds on this module); both importable
+# from here as well
+__all__ = ["MODES", "TEST_COLUMNS", "TRAIN_COLUMNS", "AggregateResult", "Influence", "QueryResult", "Ranking", "Results",
+           "ScoreSettings", "TracinIndex", "default_candidates", "self_influence_ranking"]
 
-__all__ = [
-    "MODES",
-    "AggregateResult",
-    "Influence",
-    "QueryResult",
-    "Ranking",
-    "Results",
-    "ScoreSettings",
-    "TracinIndex",
-    "default_candidates",
-    "open_index",
-    "self_influence_ranking",
-]
-
-MODES = ("dot", "cosine", "abs")
 Progress = Callable[[int, int], None]
 
 
 BULK_MEMORY = 2 * 2**30  # bytes of test gradients and candidate pairs per bulk batch
 PAIR_BYTES = 64  # bookkeeping per (test, candidate) pair in the re-rank: keys, ids, values, their sorts
-
-
-def default_candidates(k: int) -> tuple[int, int]:
-    """Search candidates re-ranked exactly, per end: (proponents, opponents).
-
-    Opponents get more: their influences are small and projection noise swamps them (DESIGN section 3).
-    """
-    return max(10 * k, 100), max(50 * k, 500)
-
-
-# ---------------------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class Influence:
-    """One training triple in a ranking. ``train_index`` is its position in the training triples."""
-
-    rank: int
-    train_index: int
-    head: str
-    relation: str
-    tail: str
-    head_id: int
-    relation_id: int
-    tail_id: int
-    influence: float
-
-
-TRAIN_COLUMNS = ("kind", "rank", "train_index", "head", "relation", "tail", "head_id", "relation_id", "tail_id",
-                 "influence")
-TEST_COLUMNS = ("test_index", "test_head", "test_relation", "test_tail", "test_head_id", "test_relation_id",
-                "test_tail_id", "mode")
-
-
-def _lists(result: QueryResult | AggregateResult) -> list[tuple[str, list[Influence]]]:
-    if result.mode == "abs":
-        return [("top", result.top)]
-    return [("proponent", result.proponents), ("opponent", result.opponents)]
-
-
-def _lists_dict(result: QueryResult | AggregateResult) -> dict[str, Any]:
-    return {("top" if kind == "top" else kind + "s"): [asdict(i) for i in items] for kind, items in _lists(result)}
-
-
-def _train_record(kind: str, item: Influence) -> dict[str, Any]:
-    return {"kind": kind, **asdict(item)}
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """The ranking of one test triple.
-
-    ``mode`` dot/cosine: ``proponents`` (largest positive influence first) and ``opponents`` (most
-    negative first). ``mode`` abs: ``top``, largest ``|influence|`` first, signs kept (the earlier
-    tool's ranking). ``exact`` is False when the values are projected estimates (no re-rank).
-    """
-
-    test: dict[str, str]
-    test_ids: tuple[int, int, int]
-    mode: str = "dot"
-    proponents: list[Influence] = field(default_factory=list)
-    opponents: list[Influence] = field(default_factory=list)
-    top: list[Influence] = field(default_factory=list)
-    exact: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"test": self.test, "mode": self.mode, **_lists_dict(self)}
-
-    def records(self, test_index: int = 0) -> list[dict[str, Any]]:
-        """One flat row per (kind, rank): the bulk output schema (see the README)."""
-        h, r, t = self.test_ids
-        test = {"test_index": test_index, "test_head": self.test["head"], "test_relation": self.test["relation"],
-                "test_tail": self.test["tail"], "test_head_id": h, "test_relation_id": r, "test_tail_id": t,
-                "mode": self.mode}
-        return [{**test, **_train_record(kind, i)} for kind, items in _lists(self) for i in items]
-
-    def to_frame(self) -> pd.DataFrame:
-        return Results([self]).to_frame()
-
-
-class Results(list[QueryResult]):
-    """Results of several test triples, in input order; ``to_frame()`` gives the bulk output schema."""
-
-    def to_frame(self) -> pd.DataFrame:
-        import pandas as pd
-
-        rows = [rec for m, res in enumerate(self) for rec in res.records(m)]
-        return pd.DataFrame(rows, columns=list(TEST_COLUMNS + TRAIN_COLUMNS))
-
-
-@dataclass(frozen=True)
-class AggregateResult:
-    """Training triples ranked by their influence summed over a whole test set."""
-
-    mode: str
-    num_test: int
-    proponents: list[Influence] = field(default_factory=list)
-    opponents: list[Influence] = field(default_factory=list)
-    top: list[Influence] = field(default_factory=list)
-    exact: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "num_test": self.num_test, **_lists_dict(self)}
-
-    def records(self) -> list[dict[str, Any]]:
-        return [{"mode": self.mode, **_train_record(kind, i)} for kind, items in _lists(self) for i in items]
-
-    def to_frame(self) -> pd.DataFrame:
-        import pandas as pd
-
-        return pd.DataFrame(self.records(), columns=["mode", *TRAIN_COLUMNS])
-
-
-class Ranking(list[Influence]):
-    """A ranked list of training triples (e.g. by self-influence); ``to_frame()`` gives a DataFrame."""
-
-    def to_frame(self) -> pd.DataFrame:
-        import pandas as pd
-
-        return pd.DataFrame([asdict(i) for i in self], columns=list(TRAIN_COLUMNS[1:]))
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """What a ranking depends on, besides the index and the test triples.
-
-    ``relations``: relation ids a listed training triple must have (None = any). ``neighbourhood``:
-    listed training triples must share an entity with their test triple. Both restrict the search
-    before the top-K cut. ``candidates`` / ``opponent_candidates``: rows retrieved per end and
-    re-ranked exactly (None = :func:`default_candidates`).
-    """
-
-    k: int = 10
-    mode: str = "dot"
-    relations: tuple[int, ...] | None = None
-    neighbourhood: bool = False
-    candidates: int | None = None
-    opponent_candidates: int | None = None
-    rerank: bool = True
-
-    def per_end(self) -> tuple[int, int]:
-        dp, do = default_candidates(self.k)
-        return max(self.k, self.candidates or dp), max(self.k, self.opponent_candidates or self.candidates or do)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------- index
 
 
 def _reciprocal(x: np.ndarray) -> np.ndarray:
@@ -228,25 +63,6 @@ def _distinct_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inverse = np.empty(len(a), dtype=np.int64)
     inverse[order] = np.cumsum(first) - 1
     return ranked[first], inverse
-
-
-def _ranked(values: np.ndarray, ids: np.ndarray, sign: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row of ``(M, n)`` places: the ``k`` with ``sign * value > 0``, largest ``sign * value`` first, ties by
-    row id. Returns ``(values, ids, counts)``: each row's first ``counts[m]`` places are its list. One lexsort
-    for all rows (per test, 600 small sorts took 4.5 ms of a 100-test query)."""
-    keep = (ids >= 0) & (values * sign > 0)
-    order = np.lexsort((ids, -sign * values, ~keep), axis=-1)[:, :k]
-    return np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1), np.minimum(keep.sum(1), k)
-
-
-def _influence(rank: int, train_index: int, head: str, relation: str, tail: str, head_id: int, relation_id: int,
-               tail_id: int, influence: float) -> Influence:
-    """``Influence(...)`` without the frozen dataclass's ``object.__setattr__`` per field (3x faster; a
-    100-test query makes 2,000 of them)."""
-    item = object.__new__(Influence)
-    item.__dict__.update(rank=rank, train_index=train_index, head=head, relation=relation, tail=tail, head_id=head_id,
-                         relation_id=relation_id, tail_id=tail_id, influence=influence)
-    return item
 
 
 class TracinIndex:
@@ -297,53 +113,12 @@ class TracinIndex:
     # ------------------------------------------------------------------ inputs
 
     def parse(self, triples: Any) -> torch.Tensor:
-        """Test triples to raw ids ``(M, 3) int64``.
-
-        Accepts ``"head relation tail"`` label strings (one or a list), raw id tuples, an ``(M, 3)``
-        tensor or array, a label TSV path, a pykeen triples directory, or ``"pykeen:DATASET[:SPLIT]"``.
-        """
-        if isinstance(triples, os.PathLike) or (
-            isinstance(triples, str) and (triples.startswith(PYKEEN_PREFIX) or (os.path.exists(triples) and "\t" not in triples))
-        ):
-            return load_test_triples(triples, self.labels)
-        if isinstance(triples, np.ndarray):
-            triples = torch.from_numpy(triples)
-        if isinstance(triples, torch.Tensor):
-            out = triples.reshape(-1, 3).to(torch.long)
-        else:
-            single = isinstance(triples, str) or (
-                isinstance(triples, tuple | list) and len(triples) == 3 and all(isinstance(x, numbers.Integral) for x in triples))
-            rows = []
-            for item in [triples] if single else list(triples):
-                if isinstance(item, str):
-                    rows.append(parse_triple(item, self.labels))
-                else:
-                    h, r, t = (int(x) for x in item)
-                    rows.append((h, r, t))
-            out = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
-        num_e, num_r = len(self.labels.entity_labels), len(self.labels.relation_labels)
-        bad = (out < 0).any(1) | (out[:, 0] >= num_e) | (out[:, 2] >= num_e) | (out[:, 1] >= num_r)
-        if bool(bad.any()):
-            raise InputError(f"triple ids {out[bad][0].tolist()} are out of range ({num_e} entities, {num_r} relations)")
-        return out
+        """Test triples to raw ids ``(M, 3) int64`` (:func:`~tracin_index.triples.parse_triples`)."""
+        return parse_triples(triples, self.labels)
 
     def relation_ids(self, relations: Sequence[str | int] | None) -> tuple[int, ...] | None:
-        """Relation labels (or ids) to sorted ids, refusing unknown ones with the closest labels."""
-        if not relations:
-            return None
-        table, labels = self.labels.relation_to_id, self.labels.relation_labels
-        out = set()
-        for r in relations:
-            if isinstance(r, int) or (isinstance(r, str) and r not in table and r.isdigit()):
-                i = int(r)
-                if not 0 <= i < len(labels):
-                    raise InputError(f"--relation {r}: relation id out of range (0..{len(labels) - 1})")
-                out.add(i)
-            elif r in table:
-                out.add(table[r])
-            else:
-                raise InputError(f"--relation {r!r} is not a relation of this index{suggest(r, labels)}")
-        return tuple(sorted(out))
+        """Relation labels (or ids) to sorted ids (:func:`~tracin_index.triples.relation_ids`)."""
+        return relation_ids(relations, self.labels)
 
     def settings(self, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
                  neighbourhood: bool = False, candidates: int | None = None,
@@ -631,96 +406,9 @@ class TracinIndex:
         return self_influence_ranking(self.store, top)
 
 
-def self_influence_ranking(index: Store | Where, top: int | None = None) -> Ranking:
-    """:meth:`TracinIndex.self_influence` from the store alone (no model needed: the values are stored)."""
-    store = index if isinstance(index, Store) else Store.open(index)
-    values = store.read("self_influence").astype(np.float64)
-    if top is not None and not 1 <= top <= len(values):
-        raise InputError(f"--top {top} is out of range; choose 1..{len(values)} (the indexed training triples)")
-    train_index = store.read("train_index").astype(np.int64)
-    order = np.lexsort((train_index, -values))[:top]
-    triples = store.read("triples").astype(np.int64)[order]
-    ent, rel = store.labels()
-    return Ranking(
-        Influence(rank=rank, train_index=int(train_index[i]), head=ent[h], relation=rel[r], tail=ent[t],
-                  head_id=int(h), relation_id=int(r), tail_id=int(t), influence=float(values[i]))
-        for rank, (i, (h, r, t)) in enumerate(zip(order, triples, strict=True), start=1)
-    )
+def __getattr__(name: str) -> object:
+    if name == "open_index":
+        from .opening import open_index
 
-
-def open_index(
-    path: Where,
-    *,
-    model: ModelBundle | str | os.PathLike[str] | None = None,
-    checkpoints: list[tuple[str, float]] | None = None,
-    layers: str | None = None,
-    loss: str | None = None,
-    projection: ProjectionSpec | None = None,
-    device: str | None = "cpu",
-    search: str = "auto",
-    memory: int | None = None,
-) -> TracinIndex:
-    """Open a built index with the model it was built from (or ``model``), refusing any mismatch.
-
-    ``layers``, ``loss`` and ``projection``, when given, must equal the store's; the model's and the
-    checkpoints' fingerprints must equal the recorded ones. ``search``: the candidate-search backend,
-    ``auto`` (the torch blocked scan where the model runs, or faiss-gpu's index on a GPU when it is
-    installed; a stream from the store when the rows do not fit in memory), ``torch`` (the scan; on the CPU, ad-hoc
-    queries go through an int8 copy of the rows first), ``full`` (the scan without that prefilter), ``faiss`` or
-    ``stream`` (exact, one block
-    of at most ``memory`` bytes in RAM at a time: stores larger than memory). ``memory``: the bytes the
-    search may hold (default: the in-memory index if it fits in half the available RAM, else 256 MiB blocks).
-    """
-    tune_allocator()
-    store = Store.open(path)
-    attrs = store.attrs
-    if model is None:
-        src = attrs["model_source"]
-        bundle = load_model(
-            src["path"], model_class=src.get("model_class"), model_kwargs=src.get("model_kwargs"),
-            triples=src.get("triples"), entity_to_id=src.get("entity_to_id"),
-            relation_to_id=src.get("relation_to_id"), inverse_triples=src.get("inverse_triples"),
-        )
-    elif isinstance(model, ModelBundle):
-        bundle = model
-    else:
-        bundle = load_model(model)
-    differences = []
-    if type(bundle.model).__name__ != attrs["model_class"]:
-        differences.append(f"model class: index {attrs['model_class']}, query {type(bundle.model).__name__}")
-    if triples_fingerprint(bundle.triples.mapped) != attrs["triples_sha256"]:
-        differences.append("training triples differ from the ones indexed")
-    recorded = attrs["checkpoints"]
-    if checkpoints is None:
-        specs = [] if recorded[0]["name"] == "model" else [(c["name"], c["lr"]) for c in recorded]
-    else:
-        specs = checkpoints
-    ckpts: list[Checkpoint] = load_checkpoints(bundle.model, specs)
-    if len(ckpts) != len(recorded):
-        differences.append(f"checkpoints: index has {len(recorded)}, query gives {len(ckpts)}")
-    else:
-        for c, rec in zip(ckpts, recorded, strict=True):
-            if c.fingerprint != rec["sha256"]:
-                differences.append(f"model state {c.name} differs from the indexed one (sha256 {rec['sha256'][:12]}...)")
-            elif abs(c.lr - rec["lr"]) > 1e-12 * max(1.0, rec["lr"]):
-                differences.append(f"learning rate of {c.name}: index {rec['lr']}, query {c.lr}")
-    names = [p["name"] for p in attrs["tracked"]]
-    params = dict(bundle.model.named_parameters())
-    for p in attrs["tracked"]:
-        if p["name"] not in params or list(params[p["name"]].shape) != p["shape"]:
-            differences.append(f"tracked parameter {p['name']} {p['shape']} is not in the model")
-    if layers is not None and not differences:
-        asked = select_parameters(bundle.model, layers, bundle.triples.mapped[:2])
-        if asked != names:
-            differences.append(f"layers: index tracks {names}, --layers {layers} selects {asked}")
-    if loss is not None and loss != attrs["loss"]:
-        differences.append(f"loss: index {attrs['loss']!r}, query {loss!r}")
-    spec = ProjectionSpec(**{k: attrs["projection"][k] for k in ("kind", "dim", "seed")})
-    if projection is not None and projection != spec:
-        differences.append(f"projection: index {spec}, query {projection}")
-    if differences:
-        raise IndexMismatchError(f"index {location(path)} does not match this query: " + "; ".join(differences))
-    tracer = Tracer(bundle, ckpts, names, attrs["loss"], spec, resolve_device(device))
-    ent, rel = store.labels()
-    labels = TriplesData(mapped=bundle.triples.mapped, entity_labels=ent, relation_labels=rel)
-    return TracinIndex(store, tracer, labels, search, memory)
+        return open_index
+    raise AttributeError(f"module 'tracin_index.query' has no attribute {name!r}")

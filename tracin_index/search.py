@@ -6,12 +6,10 @@ Engines over the same rows:
   block serves both ends (proponents from the top, opponents from the bottom), and it takes per-row
   weights (the cosine mode) and per-query masks (candidate filters applied before the top-K cut).
   Memory is ``block_rows x query_chunk`` scores at a time, never ``N x M``. On the CPU a few queries
-  (an ad-hoc query) first go through an int8 copy of the rows, then the float32 rows of 4x the asked
-  candidates (:func:`prefilter_scan`): a third of the bytes per query, and in 200 measured queries at
-  272k rows the same candidates as the full scan;
+  (an ad-hoc query) first go through an int8 copy of the rows, then the float32 rows of the kept
+  candidates (:mod:`tracin_index.int8`): fewer bytes read per query;
 - FAISS ``IndexFlatIP`` (``search="faiss"``; faiss-gpu's index on a GPU when it is installed): :func:`search`.
-  It searches twice (``q`` and ``-q``) and its top-k over hundreds of candidates is slow: at 272k rows
-  x 1024 the scan is 4.5x faster for one query and 12x for a batch of 64 (``benchmarks/RESULTS.md``);
+  It searches twice (``q`` and ``-q``), and its top-k over hundreds of candidates is slower than the scan's;
 - the same scan streamed from the store, block by block (:class:`StreamSearcher`), for stores larger
   than memory: exact, one read of the store per search (batch the queries: bulk scoring does).
 
@@ -24,9 +22,6 @@ every float32 row.
 
 from __future__ import annotations
 
-import atexit
-import threading
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,11 +30,22 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .int8 import (
+    INT8_MAX_WIDTH,
+    PACK_MIN_ROWS,
+    PREFILTER_FACTOR,
+    PREFILTER_MIN_ROWS,
+    PREFILTER_QUERIES,
+    Int8Rows,
+    prefilter_scan,
+    quantize_rows,
+)
 from .store import Store
 
-__all__ = ["BACKENDS", "FaissSearcher", "Int8Rows", "Searcher", "StreamSearcher", "TorchSearcher", "available_memory",
-           "build_flat_index", "flat_rows", "load_rows", "make_searcher", "prefilter_scan", "quantize_rows", "scan",
-           "scan_blocks", "search"]
+# Int8Rows, PREFILTER_QUERIES, prefilter_scan and quantize_rows live in .int8, re-exported here
+__all__ = ["BACKENDS", "PREFILTER_QUERIES", "FaissSearcher", "Int8Rows", "Searcher", "StreamSearcher", "TorchSearcher",
+           "available_memory", "build_flat_index", "flat_rows", "load_rows", "make_searcher", "prefilter_scan",
+           "quantize_rows", "scan", "scan_blocks", "search"]
 
 Mask = Callable[[int, int], torch.Tensor | None]
 BACKENDS = ("auto", "torch", "full", "faiss", "stream")
@@ -189,191 +195,9 @@ def scan_blocks(
     return out[0], out[1], out[2], out[3]
 
 
-PREFILTER_QUERIES = 16  # at most this many queries take the int8 prefilter (faster than float32 up to here)
-PREFILTER_FACTOR = 2  # the int8 stage keeps 2x the asked candidates of each end for the float32 refine
-PREFILTER_MIN_ROWS = 16  # rows per kept candidate below which the full scan costs about the same
-INT8_MAX_WIDTH = (2**31 - 1) // (127 * 127)  # int32 products of int8 codes cannot overflow up to this width
-PACK_MIN_ROWS = 100_000  # rows from which open_index lays the int8 codes out for oneDNN (a few ms per query)
 # rows from which the auto backend keeps int8 codes: below, a float32 scan of one query reads at most 128 MiB
-# (a few ms) and quantising every row at open costs more than it saves (17 ms at UMLS's 5,216 x 1,024)
+# and quantising every row at open costs more than the prefilter saves
 INT8_MIN_ROWS = 32_768
-
-
-def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 codes ``(N, W)`` and scales ``(N,) float32``: ``rows ~ codes * scale[:, None]``."""
-    x = rows.to(torch.float32)
-    scale = x.abs().amax(1) / 127
-    inv = torch.where(scale > 0, 1.0 / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    return torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8), scale
-
-
-def _stop_packing() -> None:
-    for rows in list(_PACKING):
-        rows.stop()
-
-
-_PACKING: weakref.WeakSet[Int8Rows] = weakref.WeakSet()  # background packs still alive
-atexit.register(_stop_packing)
-
-
-class Int8Rows:
-    """int8 codes of the rows (:func:`quantize_rows`) and their exact integer products with a few queries.
-
-    Products come from ``torch._int_mm`` until :meth:`pack` has laid the codes out for oneDNN's u8 x s8
-    GEMM (``onednn::qlinear_pointwise``: 12 against 16 ms for 272k x 1024 and one query; the layout
-    takes about 1.2 s, so ``open_index`` runs it on a background thread). Both give the exact int32
-    sums converted to float32, so which one answers never changes a result (checked when packing).
-    """
-
-    BLOCK = 65536  # rows per packed block
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
-        self.codes: torch.Tensor | None = codes  # dropped once packed (the packed copy holds the same numbers)
-        self.scale = scale
-        self.shape = (int(codes.shape[0]), int(codes.shape[1]))
-        self._packed: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    @classmethod
-    def empty(cls, n: int, width: int) -> Int8Rows:
-        """Codes to be filled block by block (:meth:`fill`)."""
-        return cls(torch.empty((n, width), dtype=torch.int8), torch.empty(n))
-
-    @classmethod
-    def of(cls, rows: torch.Tensor, block: int = 32768) -> Int8Rows:
-        out = cls.empty(*rows.shape)
-        for start in range(0, rows.shape[0], block):
-            out.fill(start, rows[start : start + block])
-        return out
-
-    def fill(self, start: int, rows: torch.Tensor) -> None:
-        """Quantise ``rows`` into the codes from row ``start`` (before :meth:`pack`)."""
-        assert self.codes is not None, "the codes are packed"
-        self.codes[start : start + len(rows)], self.scale[start : start + len(rows)] = quantize_rows(rows)
-
-    @property
-    def packed(self) -> bool:
-        return self._packed is not None
-
-    def pack(self, background: bool = True) -> None:
-        """Lay the codes out for oneDNN (where this torch has the op; else products stay on ``_int_mm``)."""
-        if background:
-            _PACKING.add(self)  # stopped at interpreter exit: a thread inside oneDNN then would abort the process
-            self._thread = threading.Thread(target=self._pack, name="tracin-index-int8-pack", daemon=True)
-            self._thread.start()
-        else:
-            self._pack()
-
-    def stop(self) -> None:
-        """Stop a background :meth:`pack` at its next block (products stay on ``_int_mm``) and wait for it."""
-        self._stop.set()
-        self.wait()
-
-    def wait(self) -> None:
-        """Until a background :meth:`pack` is done."""
-        if self._thread is not None:
-            self._thread.join()
-
-    def _pack(self) -> None:
-        n, width = self.shape
-        codes = self.codes
-        assert codes is not None
-        try:
-            packed = []
-            for start in range(0, n, self.BLOCK):
-                if self._stop.is_set():
-                    return
-                part = codes[start : start + self.BLOCK]
-                rows = part.shape[0]
-                packed.append((start, torch.ops.onednn.qlinear_prepack(part, [1, width]),
-                               torch.ones(rows), torch.zeros(rows, dtype=torch.long)))
-            probe = torch.randint(-127, 128, (2, width), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
-            if not torch.equal(self._packed_sums(probe, packed[:1])[:, : packed[0][2].shape[0]],
-                               torch._int_mm(probe, codes[: self.BLOCK].T).to(torch.float32)):
-                return  # not the exact integer sums here: stay on _int_mm
-        except (AttributeError, RuntimeError, NotImplementedError):  # a torch build without the oneDNN op
-            return
-        self._packed = packed  # first: sums() reads the codes before the packed blocks
-        self.codes = None
-
-    def _packed_sums(self, q_codes: torch.Tensor, packed: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
-                     ) -> torch.Tensor:
-        qx = (q_codes.to(torch.int16) + 128).to(torch.uint8)  # u8 with zero point 128: the same integers
-        out = torch.empty(q_codes.shape[0], self.shape[0])
-        for start, blk, ones, zeros in packed:
-            out[:, start : start + ones.shape[0]] = torch.ops.onednn.qlinear_pointwise(
-                qx, 1.0, 128, blk, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
-        return out
-
-    def sums(self, q_codes: torch.Tensor) -> torch.Tensor:
-        """Exact ``q_codes (M, W) int8`` x codes products ``(M, N)`` as float32."""
-        codes = self.codes  # before the packed blocks: a background pack sets those first, then drops the codes
-        packed = self._packed
-        if packed is not None:
-            return self._packed_sums(q_codes, packed)
-        assert codes is not None
-        return torch._int_mm(q_codes, codes.T).to(torch.float32)
-
-    def products(self, q: torch.Tensor) -> torch.Tensor:
-        """Estimates ``(M, N) float32`` of the rows' products with float32 queries ``q (M, W)``."""
-        q_codes, q_scale = quantize_rows(q)
-        approx = self.sums(q_codes)
-        approx *= self.scale[None, :]
-        approx *= q_scale[:, None]
-        return approx
-
-
-def prefilter_scan(
-    rows: torch.Tensor,
-    int8: Int8Rows,
-    queries: np.ndarray,
-    n_top: int,
-    n_bottom: int,
-    checkpoints: int,
-    *,
-    row_scale: np.ndarray | None = None,
-    mask: Mask | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Two-stage :func:`scan` for a few queries: int8 products (``int8``, the codes of ``rows``), then the
-    float32 rows of its ``PREFILTER_FACTOR`` x more candidates per end.
-
-    A few queries read the whole table once, so their scan is bound by its bytes: 44 ms for 272k x 1024
-    float32 rows on 2 cores, 12-16 ms for the same rows as int8 codes (:class:`Int8Rows`: exact int32
-    sums). The int8 products are estimates of the float32 ones (both sides rounded to 8 bits); the
-    refine recomputes the kept candidates' products from the float32 rows, so the returned scores are
-    whole-row float32 products as :func:`scan` gives them (up to summation order), and what can differ
-    is a row of the full top-K that the int8 stage ranked below its ``PREFILTER_FACTOR`` x cut
-    (``benchmarks/RESULTS.md``: at 272k rows, the same 100 + 500 candidates as the full scan in 200 of
-    200 queries). ``row_scale`` needs one checkpoint (one weight per row).
-    """
-    assert row_scale is None or checkpoints == 1, "a per-checkpoint row scale needs the full scan"
-    n = rows.shape[0]
-    nt, nb = min(n, n_top * PREFILTER_FACTOR), min(n, n_bottom * PREFILTER_FACTOR)
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    approx = int8.products(q)  # (M, N)
-    if row_scale is not None:
-        approx *= torch.from_numpy(np.ascontiguousarray(row_scale[:, 0], dtype=np.float32))[None, :]
-    allowed = mask(0, n) if mask is not None else None
-    scale = None if row_scale is None else torch.from_numpy(np.ascontiguousarray(row_scale, dtype=np.float32))
-    out: list[np.ndarray] = []
-    for kept, want, sign in ((nt, n_top, 1.0), (nb, n_bottom, -1.0)):
-        s = approx * sign
-        if allowed is not None:
-            s.masked_fill_(~(allowed.T if allowed.dim() == 2 else allowed[None, :]), -torch.inf)
-        pick = torch.topk(s, kept, dim=1)
-        idx = pick.indices.masked_fill(~torch.isfinite(pick.values), -1)  # a masked row is a missing place
-        del s
-        cand = rows[idx.clamp(min=0)].to(torch.float32)  # (M, kept, W): the candidates' float32 rows
-        prods = torch.bmm(cand, q[:, :, None])[:, :, 0]  # the same products scan() takes, row by row
-        if scale is not None:
-            prods = prods * scale[idx.clamp(min=0), 0]
-        scores = (prods * sign).masked_fill(idx < 0, -torch.inf)
-        best = torch.topk(scores, min(want, kept), dim=1)
-        best_ids = torch.gather(idx, 1, best.indices)
-        best_ids[~torch.isfinite(best.values)] = -1
-        out += [(best.values * sign).numpy().astype(np.float32), best_ids.numpy().astype(np.int64)]
-    return out[0], out[1], out[2], out[3]
 
 
 class Searcher:
@@ -531,7 +355,7 @@ def make_searcher(store: Store, device: torch.device, backend: str = "auto", mem
         table = load_rows(store, "grads", torch.float16 if on_gpu else torch.float32, device,
                           each=None if int8 is None else int8.fill)
         if int8 is not None and store.num_rows >= PACK_MIN_ROWS:
-            int8.pack(background=True)  # queries use _int_mm until it is done, with the same results
+            int8.pack(background=True)  # queries use int_mm until it is done, with the same results
         checkpoints = len(store.attrs["checkpoints"])
         return TorchSearcher(table, checkpoints, prefilter=int8 is not None, int8=int8)
     index = build_flat_index(store)

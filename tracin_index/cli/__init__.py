@@ -1,0 +1,14 @@
+"""The ``tracin-index`` command: parses options, calls the Python API, formats the answer.
+
+:func:`main` is the click group (console script ``tracin_index.cli:main``); the commands register on it
+from their modules: :mod:`.building` (build), :mod:`.querying` (query, score, self-influence),
+:mod:`.oneshot` (run) and :mod:`.maintenance` (info, verify, finalize, gc).
+"""
+
+from __future__ import annotations
+
+from . import building, maintenance, oneshot, querying
+from .common import main
+from .querying import parse_size
+
+__all__ = ["building", "main", "maintenance", "oneshot", "parse_size", "querying"]

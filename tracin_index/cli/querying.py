@@ -1,0 +1,234 @@
+"""``tracin-index query``, ``score`` and ``self-influence``: rankings of training triples, printed or written."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..location import StorePath
+from .common import (
+    INDEX,
+    MODE_CHOICES,
+    PATH,
+    _bar,
+    _checkpoints,
+    _parse_indices,
+    _test_triples,
+    _threads_option,
+    _user_errors,
+    main,
+)
+
+
+def _format_items(title: str, items: list[Any], exact: bool) -> list[str]:
+    lines = [f"  {title}{'' if exact else ' (projected)'}:"]
+    if not items:
+        lines.append("    (none)")
+    width = max((len(f"{i.head}  {i.relation}  {i.tail}") for i in items), default=0)
+    for i in items:
+        triple = f"{i.head}  {i.relation}  {i.tail}"
+        lines.append(f"    {i.rank:>3}  {triple:<{width}}  {i.influence:+.6g}  (#{i.train_index})")
+    return lines
+
+
+def _format_lists(header: str, result: Any) -> str:
+    """A header line, then the result's lists (``top`` in abs mode, else proponents and opponents)."""
+    lines = [header + ("" if result.mode == "dot" else f"  [{result.mode}]")]
+    if result.mode == "abs":
+        lines += _format_items("largest |influence|", result.top, result.exact)
+    else:
+        lines += _format_items("proponents", result.proponents, result.exact)
+        lines += _format_items("opponents", result.opponents, result.exact)
+    return "\n".join(lines)
+
+
+def _format_table(result: Any) -> str:
+    t = result.test
+    return _format_lists(f"test: {t['head']}  {t['relation']}  {t['tail']}", result)
+
+
+def _format_aggregate(result: Any) -> str:
+    return _format_lists(f"influence summed over {result.num_test:,} test triples", result)
+
+
+def _index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that re-point an index at its model (paths moved) and assert its settings."""
+    options = [
+        click.option("--model", "model", type=PATH, default=None, help="Model to use instead of the recorded one (must match)."),
+        click.option("--checkpoint", "checkpoint", type=PATH, multiple=True, help="Checkpoints instead of the recorded ones."),
+        click.option("--lr", "lr", type=float, multiple=True, help="Learning rate of the matching --checkpoint."),
+        click.option("--layers", default=None, help="Refuse unless the index tracks these layers."),
+        click.option("--loss", default=None, help="Refuse unless the index used this loss."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda (test gradients and re-rank)."),
+        click.option("--search", "search", type=click.Choice(["auto", "torch", "full", "faiss", "stream"]), default="auto",
+                     show_default=True, help="Candidate search: stream reads the store block by block (larger than RAM); "
+                     "full: every query scans all float32 rows (no int8 prefilter for ad-hoc queries)."),
+        click.option("--memory", default=None, metavar="SIZE",
+                     help="Memory the search may hold, e.g. 512MB or 4GB (auto streams when the index would not fit)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _ranking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--top-k", type=int, default=10, show_default=True, help="Training triples listed per end."),
+        click.option("--mode", type=click.Choice(MODE_CHOICES), default="dot", show_default=True,
+                     help="dot: raw TracIn; cosine: lr-weighted mean of cos(g_c, g'_c) over checkpoints (norms do not dominate); "
+                          "abs: largest |influence| in one list (the earlier tool's ranking)."),
+        click.option("--relation", "relation", multiple=True,
+                     help="Only training triples with this relation (repeatable); applied before the top-K cut."),
+        click.option("--neighbourhood", "--neighborhood", "neighbourhood", is_flag=True,
+                     help="Only training triples sharing an entity with the test triple; before the top-K cut."),
+        click.option("--candidates", type=int, default=None,
+                     help="Candidates re-ranked exactly per end (default: 10k and 50k, at least 100 and 500)."),
+        click.option("--opponent-candidates", type=int, default=None, help="Candidates for the opponent end only."),
+        click.option("--no-rerank", is_flag=True, help="Report projected influences without the exact re-rank."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def parse_size(text: str | None) -> int | None:
+    """``"512MB"``, ``"4GB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes."""
+    from ..errors import InputError
+
+    if text is None:
+        return None
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower()
+    number = t.rstrip("kmgtib")
+    try:
+        value = float(number) * units[t[len(number):].strip()]
+    except (ValueError, KeyError):
+        value = -1
+    if value <= 0:
+        raise InputError(f"--memory {text!r} is not a size; give e.g. 512MB or 4GB")
+    return int(value)
+
+
+def _open(index: StorePath, model: Path | None, checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None,
+          loss: str | None, device: str, search: str = "auto", memory: str | None = None) -> Any:
+    from ..opening import open_index
+
+    return open_index(index, model=model, checkpoints=_checkpoints(checkpoint, lr) if checkpoint or lr else None,
+                      layers=layers, loss=loss, device=device, search=search, memory=parse_size(memory))
+
+
+@main.command()
+@click.argument("index", type=INDEX)
+@click.option("--triple", "triple", multiple=True, required=True, help='"head relation tail" labels (repeatable).')
+@_ranking_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_index_options
+@_threads_option
+@_user_errors
+def query(index: StorePath, triple: tuple[str, ...], top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
+          candidates: int | None, opponent_candidates: int | None, no_rerank: bool, as_json: bool, model: Path | None,
+          checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None, loss: str | None, device: str,
+          search: str, memory: str | None, threads: int | None) -> None:
+    """Top proponents and opponents of test triples in INDEX."""
+    from ..runtime import configure_threads
+
+    configure_threads(threads, tune_allocator=True)
+    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory)
+    results = idx.query(list(triple), k=top_k, mode=mode, relations=list(relation) or None, neighbourhood=neighbourhood,
+                        candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank)
+    if as_json:
+        payload = [r.to_dict() for r in results]
+        click.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
+    else:
+        click.echo("\n\n".join(_format_table(r) for r in results))
+
+
+@main.command()
+@click.argument("index", type=INDEX)
+@click.option("--test", "test", required=True,
+              help="Test triples: a label TSV, a pykeen triples directory, or pykeen:DATASET[:SPLIT] (e.g. pykeen:nations).")
+@click.option("--out", type=PATH, required=True, help="Results file: .parquet or .jsonl (the extension picks).")
+@_ranking_options
+@click.option("--aggregate", is_flag=True, help="Rank training triples by influence summed over the whole test set.")
+@click.option("--test-indices", default=None, help="Score only these test positions (e.g. 0,5,10-20).")
+@click.option("--batch-size", type=int, default=None,
+              help="Test triples per batch (default: as many as 2 GiB of test gradients hold, often the whole set: "
+                   "each candidate's gradient is recomputed once per batch; a killed run resumes from its last batch).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@_index_options
+@_threads_option
+@_user_errors
+def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
+          candidates: int | None, opponent_candidates: int | None, no_rerank: bool, aggregate: bool,
+          test_indices: str | None, batch_size: int | None, overwrite: bool, model: Path | None, checkpoint: tuple[Path, ...],
+          lr: tuple[float, ...], layers: str | None, loss: str | None, device: str, search: str, memory: str | None,
+          threads: int | None) -> None:
+    """Score a whole test set against INDEX into a results file (restartable: run it again after a kill)."""
+    from ..errors import InputError
+    from ..rankings import TRAIN_COLUMNS
+    from ..results import output_format, write_records, write_scores
+    from ..runtime import configure_threads
+
+    configure_threads(threads, tune_allocator=True)
+    output_format(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    started = time.perf_counter()
+    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory)
+    triples = _test_triples(idx, test)
+    positions = _parse_indices(test_indices, len(triples))
+    if positions is not None:
+        triples = triples[positions]
+    if aggregate:
+        if neighbourhood:
+            raise InputError("--neighbourhood applies per test triple; it cannot be combined with --aggregate")
+        with _bar(2 * len(triples) if not no_rerank else len(triples), "scoring") as progress:
+            result = idx.aggregate(triples, k=top_k, mode=mode, relations=list(relation) or None, candidates=candidates,
+                                   opponent_candidates=opponent_candidates, rerank=not no_rerank, progress=progress,
+                                   batch_size=256 if batch_size is None else batch_size)
+        write_records(result.records(), ["mode", *TRAIN_COLUMNS], out, overwrite=overwrite)
+        click.echo(_format_aggregate(result))
+        click.echo(f"wrote the aggregate ranking of {len(triples):,} test triples to {out} "
+                   f"({time.perf_counter() - started:.1f} s)")
+        return
+    settings = idx.settings(top_k, mode=mode, relations=list(relation) or None, neighbourhood=neighbourhood,
+                            candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank)
+    with _bar(len(triples), "scoring") as progress:
+        write_scores(idx, triples, out, settings, batch_size=batch_size, test_index=positions, overwrite=overwrite,
+                     progress=progress, log=lambda msg: click.echo(msg, err=True))
+    click.echo(f"scored {len(triples):,} test triples into {out} ({time.perf_counter() - started:.1f} s)")
+
+
+@main.command("self-influence")
+@click.argument("index", type=INDEX)
+@click.option("--top", type=int, default=None, help="How many to list (default: 20 shown, all written to --out).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--out", type=PATH, default=None, help="Also write the ranking (all rows unless --top) to .parquet/.jsonl.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@_user_errors
+def self_influence(index: StorePath, top: int | None, as_json: bool, out: Path | None, overwrite: bool) -> None:
+    """Training triples of INDEX ranked by exact self-influence (suspicious or hard triples first)."""
+    from dataclasses import asdict
+
+    from ..rankings import TRAIN_COLUMNS, self_influence_ranking
+    from ..results import output_format, write_records
+
+    if out is not None:
+        output_format(out)
+    ranking = self_influence_ranking(index, top)
+    if out is not None:
+        write_records([{"kind": "self", **asdict(i)} for i in ranking], list(TRAIN_COLUMNS), out, overwrite=overwrite)
+    shown = ranking if top is not None else ranking[:20]
+    if as_json:
+        click.echo(json.dumps([asdict(i) for i in shown], indent=2))
+    else:
+        lines = _format_items("largest self-influence", list(shown), True)
+        click.echo("\n".join(lines[1:]))
+        if len(shown) < len(ranking):
+            click.echo(f"  ... {len(ranking) - len(shown):,} more (--top N, or --out FILE for all)")

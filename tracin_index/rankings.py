@@ -1,0 +1,205 @@
+"""What a query returns: rankings of training triples, their settings, and their flat output schema.
+
+:class:`QueryResult` (one test triple), :class:`Results` (several), :class:`AggregateResult` (a test set's
+summed influence) and :class:`Ranking` (e.g. self-influence) hold :class:`Influence` entries and turn into
+records and DataFrames with the columns ``TEST_COLUMNS`` + ``TRAIN_COLUMNS``. :class:`ScoreSettings` says
+what a ranking depends on besides the index and the test triples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import InputError
+from .location import Where
+from .store import Store
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["MODES", "TEST_COLUMNS", "TRAIN_COLUMNS", "AggregateResult", "Influence", "QueryResult", "Ranking", "Results",
+           "ScoreSettings", "default_candidates", "self_influence_ranking"]
+
+MODES = ("dot", "cosine", "abs")
+
+
+def default_candidates(k: int) -> tuple[int, int]:
+    """Search candidates re-ranked exactly, per end: (proponents, opponents).
+
+    Opponents get more: their influences are small and projection noise swamps them (DESIGN section 3).
+    """
+    return max(10 * k, 100), max(50 * k, 500)
+
+
+@dataclass(frozen=True)
+class Influence:
+    """One training triple in a ranking. ``train_index`` is its position in the training triples."""
+
+    rank: int
+    train_index: int
+    head: str
+    relation: str
+    tail: str
+    head_id: int
+    relation_id: int
+    tail_id: int
+    influence: float
+
+
+TRAIN_COLUMNS = ("kind", "rank", "train_index", "head", "relation", "tail", "head_id", "relation_id", "tail_id",
+                 "influence")
+TEST_COLUMNS = ("test_index", "test_head", "test_relation", "test_tail", "test_head_id", "test_relation_id",
+                "test_tail_id", "mode")
+
+
+def _lists(result: QueryResult | AggregateResult) -> list[tuple[str, list[Influence]]]:
+    if result.mode == "abs":
+        return [("top", result.top)]
+    return [("proponent", result.proponents), ("opponent", result.opponents)]
+
+
+def _lists_dict(result: QueryResult | AggregateResult) -> dict[str, Any]:
+    return {("top" if kind == "top" else kind + "s"): [asdict(i) for i in items] for kind, items in _lists(result)}
+
+
+def _train_record(kind: str, item: Influence) -> dict[str, Any]:
+    return {"kind": kind, **asdict(item)}
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The ranking of one test triple.
+
+    ``mode`` dot/cosine: ``proponents`` (largest positive influence first) and ``opponents`` (most
+    negative first). ``mode`` abs: ``top``, largest ``|influence|`` first, signs kept (the earlier
+    tool's ranking). ``exact`` is False when the values are projected estimates (no re-rank).
+    """
+
+    test: dict[str, str]
+    test_ids: tuple[int, int, int]
+    mode: str = "dot"
+    proponents: list[Influence] = field(default_factory=list)
+    opponents: list[Influence] = field(default_factory=list)
+    top: list[Influence] = field(default_factory=list)
+    exact: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"test": self.test, "mode": self.mode, **_lists_dict(self)}
+
+    def records(self, test_index: int = 0) -> list[dict[str, Any]]:
+        """One flat row per (kind, rank): the bulk output schema (see the README)."""
+        h, r, t = self.test_ids
+        test = {"test_index": test_index, "test_head": self.test["head"], "test_relation": self.test["relation"],
+                "test_tail": self.test["tail"], "test_head_id": h, "test_relation_id": r, "test_tail_id": t,
+                "mode": self.mode}
+        return [{**test, **_train_record(kind, i)} for kind, items in _lists(self) for i in items]
+
+    def to_frame(self) -> pd.DataFrame:
+        return Results([self]).to_frame()
+
+
+class Results(list[QueryResult]):
+    """Results of several test triples, in input order; ``to_frame()`` gives the bulk output schema."""
+
+    def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        rows = [rec for m, res in enumerate(self) for rec in res.records(m)]
+        return pd.DataFrame(rows, columns=list(TEST_COLUMNS + TRAIN_COLUMNS))
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """Training triples ranked by their influence summed over a whole test set."""
+
+    mode: str
+    num_test: int
+    proponents: list[Influence] = field(default_factory=list)
+    opponents: list[Influence] = field(default_factory=list)
+    top: list[Influence] = field(default_factory=list)
+    exact: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "num_test": self.num_test, **_lists_dict(self)}
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"mode": self.mode, **_train_record(kind, i)} for kind, items in _lists(self) for i in items]
+
+    def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.records(), columns=["mode", *TRAIN_COLUMNS])
+
+
+class Ranking(list[Influence]):
+    """A ranked list of training triples (e.g. by self-influence); ``to_frame()`` gives a DataFrame."""
+
+    def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame([asdict(i) for i in self], columns=list(TRAIN_COLUMNS[1:]))
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What a ranking depends on, besides the index and the test triples.
+
+    ``relations``: relation ids a listed training triple must have (None = any). ``neighbourhood``:
+    listed training triples must share an entity with their test triple. Both restrict the search
+    before the top-K cut. ``candidates`` / ``opponent_candidates``: rows retrieved per end and
+    re-ranked exactly (None = :func:`default_candidates`).
+    """
+
+    k: int = 10
+    mode: str = "dot"
+    relations: tuple[int, ...] | None = None
+    neighbourhood: bool = False
+    candidates: int | None = None
+    opponent_candidates: int | None = None
+    rerank: bool = True
+
+    def per_end(self) -> tuple[int, int]:
+        dp, do = default_candidates(self.k)
+        return max(self.k, self.candidates or dp), max(self.k, self.opponent_candidates or self.candidates or do)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ranked(values: np.ndarray, ids: np.ndarray, sign: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of ``(M, n)`` places: the ``k`` with ``sign * value > 0``, largest ``sign * value`` first, ties by
+    row id. Returns ``(values, ids, counts)``: each row's first ``counts[m]`` places are its list. One lexsort
+    for all rows (per test, 600 small sorts took 4.5 ms of a 100-test query)."""
+    keep = (ids >= 0) & (values * sign > 0)
+    order = np.lexsort((ids, -sign * values, ~keep), axis=-1)[:, :k]
+    return np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1), np.minimum(keep.sum(1), k)
+
+
+def _influence(rank: int, train_index: int, head: str, relation: str, tail: str, head_id: int, relation_id: int,
+               tail_id: int, influence: float) -> Influence:
+    """``Influence(...)`` without the frozen dataclass's ``object.__setattr__`` per field (3x faster; a
+    100-test query makes 2,000 of them)."""
+    item = object.__new__(Influence)
+    item.__dict__.update(rank=rank, train_index=train_index, head=head, relation=relation, tail=tail, head_id=head_id,
+                         relation_id=relation_id, tail_id=tail_id, influence=influence)
+    return item
+
+
+def self_influence_ranking(index: Store | Where, top: int | None = None) -> Ranking:
+    """:meth:`TracinIndex.self_influence` from the store alone (no model needed: the values are stored)."""
+    store = index if isinstance(index, Store) else Store.open(index)
+    values = store.read("self_influence").astype(np.float64)
+    if top is not None and not 1 <= top <= len(values):
+        raise InputError(f"--top {top} is out of range; choose 1..{len(values)} (the indexed training triples)")
+    train_index = store.read("train_index").astype(np.int64)
+    order = np.lexsort((train_index, -values))[:top]
+    triples = store.read("triples").astype(np.int64)[order]
+    ent, rel = store.labels()
+    return Ranking(
+        Influence(rank=rank, train_index=int(train_index[i]), head=ent[h], relation=rel[r], tail=ent[t],
+                  head_id=int(h), relation_id=int(r), tail_id=int(t), influence=float(values[i]))
+        for rank, (i, (h, r, t)) in enumerate(zip(order, triples, strict=True), start=1)
+    )
