@@ -130,20 +130,20 @@ def test_batch_last_declines_a_wide_convolution() -> None:
 
 @pytest.mark.parametrize("padding", [0, 1])
 def test_any_layout_output_is_the_module_output_in_its_feature_order(padding: int, backend_mode: str) -> None:
-    """``any_layout``: row ``j`` of the flattened output holds canonical feature ``last_perm[j]`` (oneDNN's
-    channels-last memory), or the canonical order itself (``last_perm`` None, as the plain backend gives)."""
+    """Layout ``any``: row ``j`` of the flattened output holds canonical feature ``perm[j]`` (oneDNN's
+    channels-last memory), or the canonical order itself (``perm`` None, as the plain backend gives)."""
     gen = torch.Generator().manual_seed(7)
     seq = _conve_encoder(padding)
     _randomise(seq, gen)
     seq.eval()
     folded = fold(seq)
     assert folded is not None
-    folded.any_layout = True
     x = torch.randn(6, 2, 10, 8, generator=gen)
-    flat = folded(x).reshape(6, -1)
+    out, perm = folded(x, "any")
+    flat = out.reshape(6, -1)
     with torch.no_grad():
         ref = seq(x).reshape(6, -1)
     if backend_mode == "plain":
-        assert folded.last_perm is None
-    canonical = flat if folded.last_perm is None else torch.empty_like(flat).index_copy_(1, folded.last_perm, flat)
+        assert perm is None
+    canonical = flat if perm is None else torch.empty_like(flat).index_copy_(1, perm, flat)
     assert torch.allclose(canonical, ref, rtol=1e-5, atol=1e-5)

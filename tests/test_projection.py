@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tracin_index import BuildConfig, ProjectionSpec, build_index, forms, load_model
+from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model, outer
 from tracin_index.engine import Engine, describe_parameters
 from tracin_index.forms import SharedOuterGrad, densify, inner
 from tracin_index.losses import get_loss
@@ -57,7 +57,7 @@ def test_tensorsketch_equals_countsketch_of_the_outer_product(conve_inverse: Tra
     proj = SketchProjector(ProjectionSpec("sparse", k, 5), tracked, torch.device("cpu"), 0)
     if block_bytes is not None:
         whole = proj(blocks)
-        monkeypatch.setattr(forms, "SKETCH_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(outer, "SKETCH_BLOCK_BYTES", block_bytes)
         assert torch.equal(proj(blocks), whole)
     out_dim, in_dim = tracked[0].shape
     h0 = hash64(_key(5, 0, 0), torch.arange(out_dim))
