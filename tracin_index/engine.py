@@ -19,7 +19,7 @@ What a run may do faster (folded encoders, shared inputs, layouts, stored output
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,10 +263,8 @@ class Engine:
                     stacked = list(torch.autograd.grad(losses, tensors, grad_outputs=eye[s:e], is_grads_batched=True,
                                                        retain_graph=True, allow_unused=True))
                 except RuntimeError:  # an operation without a batching rule: one backward pass per triple
-                    each = [torch.autograd.grad(losses[i], tensors, retain_graph=True, allow_unused=True) for i in range(s, e)]
-                    stacked = [None if all(g[j] is None for g in each) else
-                               torch.stack([g[j] if g[j] is not None else torch.zeros_like(t) for g in each])
-                               for j, t in enumerate(tensors)]
+                    each = [_one_triple(losses[i], tensors, params) for i in range(s, e)]
+                    stacked = [torch.stack([_or_zeros(g[j], t) for g in each]) for j, t in enumerate(tensors)]
                 for p, g in zip(params, stacked, strict=True):
                     parts[p.name].append(torch.zeros(e - s, p.size, device=losses.device) if g is None
                                          else g.reshape(e - s, -1).detach())
@@ -305,6 +303,21 @@ class Engine:
             return DenseGrad(values=torch.stack(parts).sum(0).detach())
         per_row = torch.stack([_dense_rows(module, leaf, a, k, x, d) for a, k, x, d in found]).sum(0)
         return DenseGrad(values=_to_examples(per_row.reshape(per_row.shape[0], 1, -1), batch, per).sum(1))
+
+
+def _one_triple(loss: torch.Tensor, tensors: Sequence[torch.Tensor],
+                params: list[TrackedParam]) -> tuple[torch.Tensor | None, ...]:
+    """One triple's gradients of ``tensors``; a one-line refusal naming the parameters where even this fails."""
+    try:
+        return torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+    except RuntimeError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"per-triple gradients of {', '.join(p.name for p in params)} cannot be computed ({reason}); "
+                         "track other layers (--layers)") from None
+
+
+def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
 
 
 class _NotRowwise(Exception):

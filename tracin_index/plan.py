@@ -57,6 +57,24 @@ class Plan:
         """As the store records it (JSON: lists for tuples)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Plan:
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fields)
+
+    def describe(self) -> str:
+        """One line for ``tracin-index info``."""
+        parts = [f"folded {', '.join(self.folded)}"] if self.folded else []
+        if self.cache_module:
+            parts.append(f"first Linear {self.cache_module} (its outputs can be stored)")
+        if self.batch_last:
+            parts.append(f"{self.feeds_cache} writes batch-innermost")
+        if self.share_rows:
+            parts.append(f"rows with the same {self.feeds_cache} input share it")
+        if self.per_triple:
+            parts.append(f"per-triple fallback for {', '.join(self.per_triple)}")
+        return "; ".join(parts) or "plain (no speed-up applies)"
+
 
 PLAIN = Plan()
 

@@ -32,6 +32,13 @@ PROBE_TRIPLES = 32_768  # ... and up to this many triples (the probe's forward t
 GRADIENT_MEMORY = 4 << 30  # default bytes one batch's gradients and activations may take
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
+
+
 def probe_triples(triples: torch.Tensor, n: int = 8) -> torch.Tensor:
     """``n`` triples spread evenly over ``triples (N, 3)``: the ones a model's plan is probed on."""
     if triples.shape[0] <= n:
@@ -126,16 +133,15 @@ class Tracer:
             if found.bytes_per_triple > self.memory:
                 name, size = found.largest
                 raise InputError(
-                    f"one triple's gradients take {found.bytes_per_triple / 2**20:,.0f} MiB ({name}: {size / 2**20:,.0f} "
-                    f"MiB), more than the {self.memory / 2**20:,.0f} MiB budget; track fewer layers (e.g. --layers "
-                    "last:2) or raise the budget (--memory)")
+                    f"one triple's gradients and activations take {_size(found.bytes_per_triple)} ({name}: {_size(size)}), "
+                    f"more than the {_size(self.memory)} budget; track fewer layers (e.g. --layers last:2) or raise "
+                    "the budget (--gradient-memory)")
             self.probed = found
         return self.probed
 
     def fit(self, batch_size: int) -> int:
         """``batch_size`` shrunk so that a batch's gradients and activations fit the memory budget."""
-        per = max(1, self.probed.bytes_per_triple if self.probed is not None else 1)
-        return max(1, min(batch_size, self.memory // per))
+        return max(1, min(batch_size, self.memory // max(1, self.prepare().bytes_per_triple)))
 
     def gradients(self, triples: torch.Tensor, c: int, outputs: dict[str, torch.Tensor] | None = None,
                   any_layout: bool = False, batch_last: bool = False) -> Pass:

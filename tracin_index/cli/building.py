@@ -48,6 +48,9 @@ from .common import (
 @click.option("--cache-activations/--no-cache-activations", default=True, show_default=True,
               help="Store the first tracked Linear's outputs (ConvE: 1,600 bytes per triple) so the exact re-rank "
                    "skips that layer.")
+@click.option("--gradient-memory", default="4GiB", show_default=True, metavar="SIZE",
+              help="Memory one batch's gradients and activations may take; batches shrink to fit it, and a model whose "
+                   "single triple does not fit is refused.")
 @click.option("--force", is_flag=True, help="Rebuild even when the published build has the same inputs and settings.")
 @click.option("--prepare", is_flag=True,
               help="Distributed builds, step 1 (once): create the build and its attributes, compute nothing.")
@@ -65,7 +68,8 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
           triples: Path | None, entity_to_id: Path | None, relation_to_id: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: StorePath, layers: str,
           loss: str, projection: str, dim: int, seed: int, batch_size: int, device: str, sample_rate: float,
-          stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, cache_activations: bool, force: bool,
+          stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, cache_activations: bool, gradient_memory: str,
+          force: bool,
           prepare: bool,
           shard: str | None, executor: str, ray_address: str | None, workers: int | None, gpus_per_worker: float,
           shards: int | None, threads: int | None) -> None:
@@ -82,12 +86,16 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
     from ..errors import InputError
     from ..projection import ProjectionSpec
     from ..runtime import configure_threads
+    from ..tracer import GRADIENT_MEMORY
+    from .querying import parse_size
+
     configure_threads(threads, tune_allocator=True)
     started = time.perf_counter()
     config = BuildConfig(layers=layers, loss=loss, projection=ProjectionSpec(projection, dim, seed),
                          batch_size=batch_size, device=device, sample_rate=sample_rate, stratify=stratify,
                          sample_seed=sample_seed, unit_rows=unit_rows, dtype=dtype,
-                         cache_activations=cache_activations)
+                         cache_activations=cache_activations,
+                         gradient_memory=parse_size(gradient_memory, "--gradient-memory") or GRADIENT_MEMORY)
     config.check()
     modes = [name for name, on in (("--prepare", prepare), ("--shard", shard is not None),
                                    ("--executor ray", executor == "ray")) if on]

@@ -22,6 +22,7 @@ from .common import (
 @_user_errors
 def info(index: StorePath, as_json: bool) -> None:
     """Settings, fingerprints and tracked parameters of INDEX."""
+    from ..plan import Plan
     from ..store import Store
 
     store = Store.open(index)
@@ -47,14 +48,20 @@ def info(index: StorePath, as_json: bool) -> None:
     for c in attrs["checkpoints"]:
         click.echo(f"  lr={c['lr']:<10g} {c['name']}  sha256 {c['sha256'][:16]}")
     total = 0
+    plan = Plan.from_dict(attrs["plan"]) if "plan" in attrs else None
     click.echo(f"tracked parameters ({attrs['layers']}):")
     for p in attrs["tracked"]:
         n = 1
         for s in p["shape"]:
             n *= s
         total += n
-        click.echo(f"  {p['name']:<45} {tuple(p['shape'])!s:<16} {n:>12,}  {p['kind']}")
+        kind = "dense, per triple" if plan is not None and p["name"] in plan.per_triple else p["kind"]
+        click.echo(f"  {p['name']:<45} {tuple(p['shape'])!s:<16} {n:>12,}  {kind}")
     click.echo(f"  {'total':<45} {'':<16} {total:>12,}")
+    if plan is not None:
+        click.echo(f"plan:         {plan.describe()}")
+    for warning in attrs.get("warnings", []):
+        click.echo(f"warning:      {warning}")
     sw = attrs.get("software", {})
     click.echo("software:     " + ", ".join(f"{k} {v}" for k, v in sw.items()))
 

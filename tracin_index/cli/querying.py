@@ -96,8 +96,8 @@ def _ranking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def parse_size(text: str | None) -> int | None:
-    """``"512MB"``, ``"4GB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes."""
+def parse_size(text: str | None, option: str = "--memory") -> int | None:
+    """``"512MB"``, ``"4GB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (a bad one is named as ``option``)."""
     from ..errors import InputError
 
     if text is None:
@@ -111,7 +111,7 @@ def parse_size(text: str | None) -> int | None:
     except (ValueError, KeyError):
         value = -1
     if value <= 0:
-        raise InputError(f"--memory {text!r} is not a size; give e.g. 512MB or 4GB")
+        raise InputError(f"{option} {text!r} is not a size; give e.g. 512MB or 4GB")
     return int(value)
 
 
