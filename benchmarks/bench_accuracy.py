@@ -158,7 +158,7 @@ def main() -> None:
     from tracin_index.store import resolve
 
     quiet()  # again: pykeen's modules are imported now
-    threads = configure_threads(args.threads)
+    threads = configure_threads(args.threads, tune_allocator=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)

@@ -180,7 +180,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     from tracin_index.runtime import configure_threads
 
-    configure_threads(args.threads)
+    configure_threads(args.threads, tune_allocator=True)
     inverse = not args.no_inverse
     header = (f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
               f"ConvE d=200 ({'inverse triples' if inverse else 'no inverse triples'}), batch {args.batch_size}, "

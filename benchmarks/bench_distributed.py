@@ -62,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bundle = synthetic_bundle(args.triples, entities_for(args.triples), 237, root)
-        configure_threads(tpw)
+        configure_threads(tpw, tune_allocator=True)
         t0 = time.perf_counter()
         build_index(bundle, root / "single", config=config)
         rows.append((f"one process, {tpw} thread(s), no Ray", 1, time.perf_counter() - t0, True))
@@ -79,7 +79,7 @@ def main() -> None:
         finally:
             ray.shutdown()
 
-        configure_threads(len(os.sched_getaffinity(0)))
+        configure_threads(len(os.sched_getaffinity(0)), tune_allocator=True)
         store = Store.open(root / "single")
         searcher = StreamSearcher(store, memory=64 * 2**20)
         q = np.random.default_rng(0).standard_normal((64, int(store.attrs["width"]))).astype(np.float32)

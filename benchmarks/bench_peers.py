@@ -323,7 +323,7 @@ def main() -> None:
     from tracin_index.runtime import configure_threads
 
     quiet()
-    threads = configure_threads(args.threads)
+    threads = configure_threads(args.threads, tune_allocator=True)
     torch.manual_seed(args.seed)
     top, k = args.top_k, args.dim
     started = time.perf_counter()

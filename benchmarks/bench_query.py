@@ -54,7 +54,7 @@ def main() -> None:
     from tracin_index.runtime import configure_threads
     from tracin_index.search import FaissSearcher, TorchSearcher, build_flat_index, flat_rows
 
-    configure_threads(args.threads)
+    configure_threads(args.threads, tune_allocator=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bundle = synthetic_bundle(args.triples, 14541, 237, root)

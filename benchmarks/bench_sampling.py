@@ -77,7 +77,7 @@ def main() -> None:
     from tracin_index.runtime import configure_threads
 
     quiet()
-    configure_threads(args.threads)
+    configure_threads(args.threads, tune_allocator=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)

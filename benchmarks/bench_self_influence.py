@@ -111,7 +111,7 @@ def main() -> None:
     from tracin_index.runtime import configure_threads
 
     quiet()  # again: pykeen's modules are imported now
-    configure_threads(args.threads)
+    configure_threads(args.threads, tune_allocator=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)

@@ -32,7 +32,7 @@ from .fold import FoldedSequential, fold
 from .forms import DenseGrad, GradBlock, OuterGrad, RowsGrad, SharedOuterGrad, TrackedParam
 from .linalg import cat_parts
 from .losses import Loss
-from .model import fresh_representations, internal_rows
+from .model import fresh_representations, internal_rows, representation_caches
 from .plan import PLAIN, Plan, RunState, plan_forwards
 
 __all__ = ["Engine", "Pass", "Trace", "describe_parameters", "patched"]
@@ -117,6 +117,7 @@ class Engine:
         self.modules = dict(model.named_modules())
         self.params = dict(model.named_parameters())
         self.device = next(model.parameters()).device
+        self._caches = representation_caches(model)
         self._folded: dict[str, FoldedSequential | None] = {}
 
     def folded(self, name: str) -> FoldedSequential | None:
@@ -128,7 +129,7 @@ class Engine:
     def input_of(self, name: str, triples: torch.Tensor) -> torch.Tensor | None:
         """Module ``name``'s input for raw-id triples ``(B, 3)``, from the model's forward up to that module only."""
         rows, _ = internal_rows(self.model, triples.to(self.device))
-        fresh_representations(self.model)
+        fresh_representations(self.model, self._caches)
         got: list[torch.Tensor] = []
 
         def stop(x: torch.Tensor, *_a: Any, **_k: Any) -> torch.Tensor:
@@ -176,7 +177,7 @@ class Engine:
         try:
             for t in tracked_tensors:
                 t.requires_grad_(True)
-            fresh_representations(model)
+            fresh_representations(model, self._caches)
             with patched(self.modules, forwards), torch.enable_grad(), saved:
                 per_row = self.loss.per_row(model, rows) if fallback else None
                 loss = per_row.sum() if per_row is not None else self.loss.fn(model, rows)
@@ -193,7 +194,7 @@ class Engine:
                 h.remove()
             for t, f in zip(tracked_tensors, flags, strict=True):
                 t.requires_grad_(f)
-            fresh_representations(model)  # no cached representation keeps this run's graph alive
+            fresh_representations(model, self._caches)  # no cached representation keeps this run's graph alive
         if trace is not None:
             trace.calls = calls
             trace.batch_grads = [grads.get(id(t)) for t in tracked_tensors]

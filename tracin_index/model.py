@@ -40,6 +40,7 @@ __all__ = [
     "forward_order",
     "fresh_representations",
     "internal_rows",
+    "representation_caches",
     "load_checkpoints",
     "load_model",
     "load_label_triples",
@@ -248,15 +249,21 @@ def load_checkpoints(model: nn.Module, specs: list[tuple[str, float]]) -> list[C
 # ---------------------------------------------------------------------------------------------- ids
 
 
-def fresh_representations(model: nn.Module) -> None:
+def representation_caches(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that keep representations between calls (pykeen's RGCN and CompGCN encoders)."""
+    return [m for m in model.modules() if hasattr(m, "enriched_embeddings") or hasattr(m, "enriched_representations")]
+
+
+def fresh_representations(model: nn.Module, caches: list[nn.Module] | None = None) -> None:
     """Make pykeen's graph encoders compute their representations again at the next forward.
 
     RGCN's and CompGCN's encoders keep the entity representations of their last forward: a copy computed
     without gradients during evaluation (saved with the model, kept across checkpoint loads), through
     which no parameter of the encoder gets a gradient and every checkpoint scores with stale values.
     Their caches are dropped here (RGCN's also switched off); the engine calls this before each forward.
+    ``caches``: :func:`representation_caches` of ``model``, when the caller keeps them.
     """
-    for mod in model.modules():
+    for mod in representation_caches(model) if caches is None else caches:
         if hasattr(mod, "enriched_embeddings"):  # pykeen.nn.message_passing.RGCNRepresentation
             setattr(mod, "enriched_embeddings", None)  # noqa: B010 - a plain attribute, typed by nn.Module as a tensor
             setattr(mod, "cache", False)  # noqa: B010

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["PLAIN", "Plan", "Probe", "RunState", "input_keys", "plan_forwards", "probe"]
 
 TRIAL = 8  # triples the probe runs (each twice, so that every row has a twin to share with)
+SPEEDUP_TRIAL = 2  # ... of which the speed-ups are tried on the first ones (a property of the model, not the data)
 SHARE_AT_MOST = 0.75  # rows share the encoder only when at most this fraction of a batch's inputs are distinct
 SATURATED = 80.0  # a bce loss whose scores all exceed this has a gradient of exactly 0 in float32
 
@@ -163,7 +164,8 @@ def probe(engine: Engine, triples: torch.Tensor, *, rtol: float = 1e-3, batch_la
     A parameter whose blocks do not sum to the batch gradient (read outside its module's per-row forward),
     or whose module is not applied row by row, goes to the per-triple fallback. Then the encoders to fold
     and the cache module are found, and the batch-innermost layout (when ``batch_last``) and row sharing
-    are tried against the plain blocks; each is kept only where the model takes it and gives the same blocks.
+    are tried on the first ``SPEEDUP_TRIAL`` of them (each twice) against the plain blocks; each is kept only
+    where the model takes it and gives the same blocks.
     """
     from .engine import Trace
 
@@ -197,15 +199,19 @@ def probe(engine: Engine, triples: torch.Tensor, *, rtol: float = 1e-3, batch_la
                  None)
     plan = replace(plan, folded=tuple(folded), cache_module=cache, feeds_cache=feeds)
     if feeds is not None:
-        plan = replace(plan, batch_last=batch_last and _same_blocks(engine, twice, plain.blocks,
+        n = min(SPEEDUP_TRIAL, few.shape[0])
+        trial = torch.cat([few[:n], few[:n]])
+        rows = torch.cat([torch.arange(n), few.shape[0] + torch.arange(n)])  # their rows in the plain run
+        reference = [blk.select(rows) for blk in plain.blocks]
+        plan = replace(plan, batch_last=batch_last and _same_blocks(engine, trial, reference,
                                                                      replace(plan, batch_last=True), batch_last=True))
-        plan = replace(plan, share_rows=_same_blocks(engine, twice, plain.blocks, replace(plan, share_rows=True),
+        plan = replace(plan, share_rows=_same_blocks(engine, trial, reference, replace(plan, share_rows=True),
                                                      batch_last=plan.batch_last, share=True))
     per_triple = max(1, twice.shape[0])
     sizes = [(p.name, blk.nbytes // per_triple) for p, blk in zip(engine.tracked, plain.blocks, strict=True)]
     largest = max(sizes, key=lambda s: s[1])
     total = sum(s for _, s in sizes) + trace.saved_bytes // per_triple
-    return Probe(plan, _silent_zeros(engine, plain.blocks, twice), total, largest)
+    return Probe(plan, _silent_zeros(engine, plain.blocks, trace.batch_grads, twice), total, largest)
 
 
 def _find_folds(engine: Engine, trace: Any) -> list[str]:
@@ -249,9 +255,12 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.allclose(x, y, rtol=1e-4, atol=1e-6 * float(x.abs().max()) + 1e-12)
 
 
-def _silent_zeros(engine: Engine, blocks: list[GradBlock], triples: torch.Tensor) -> list[str]:
-    """One warning per tracked parameter whose gradient is exactly zero on every probe triple, with the likely cause."""
-    zero = [p.name for p, blk in zip(engine.tracked, blocks, strict=True) if not bool((blk.sq_norms() > 0).any())]
+def _silent_zeros(engine: Engine, blocks: list[GradBlock], batch_grads: list[torch.Tensor | None],
+                  triples: torch.Tensor) -> list[str]:
+    """One warning per tracked parameter whose gradient is exactly zero on every probe triple, with the likely cause.
+    Only a parameter whose batch gradient is zero can be one (else some triple's is not)."""
+    zero = [p.name for p, blk, full in zip(engine.tracked, blocks, batch_grads, strict=True)
+            if (full is None or peak(full) == 0) and not bool((blk.sq_norms() > 0).any())]
     if not zero:
         return []
     from .model import internal_rows

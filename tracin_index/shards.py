@@ -65,6 +65,8 @@ def prepare_build(
         if held.took_over:
             say(f"took over the lock of a build that is no longer running ({held.took_over})")
         plan = make_plan(bundle, checkpoints, config)
+        for warning in plan.attrs["warnings"]:
+            say(f"warning: {warning}")
         if not force and (published := _up_to_date(out, plan, say)) is not None:
             (out / PREPARED).unlink(missing_ok=True)
             return published
