@@ -38,7 +38,7 @@ __all__ = ["PLAIN", "Plan", "Probe", "RunState", "input_keys", "plan_forwards", 
 TRIAL = 8  # triples the probe runs (each twice, so that every row has a twin to share with)
 SPEEDUP_TRIAL = 2  # ... of which the speed-ups are tried on the first ones (a property of the model, not the data)
 SHARE_AT_MOST = 0.75  # rows share the encoder only when at most this fraction of a batch's inputs are distinct
-SATURATED = 80.0  # a bce loss whose scores all exceed this has a gradient of exactly 0 in float32
+SATURATED = 30.0  # bce scores all above this: its gradient factor sigmoid(-s) is below 1e-13 (saturated)
 
 
 @dataclass(frozen=True)
@@ -257,10 +257,11 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 def _silent_zeros(engine: Engine, blocks: list[GradBlock], batch_grads: list[torch.Tensor | None],
                   triples: torch.Tensor) -> list[str]:
-    """One warning per tracked parameter whose gradient is exactly zero on every probe triple, with the likely cause.
-    Only a parameter whose batch gradient is zero can be one (else some triple's is not)."""
+    """One warning per tracked parameter whose gradient vanishes on every probe triple (squared norm 0 in float32,
+    so every influence through it is 0), with the likely cause. Only a parameter whose batch gradient's squared
+    norm is 0 can be one; its per-triple norms then decide."""
     zero = [p.name for p, blk, full in zip(engine.tracked, blocks, batch_grads, strict=True)
-            if (full is None or peak(full) == 0) and not bool((blk.sq_norms() > 0).any())]
+            if (full is None or float((full * full).sum()) == 0) and not bool((blk.sq_norms() > 0).any())]
     if not zero:
         return []
     from .model import internal_rows
@@ -276,7 +277,8 @@ def _silent_zeros(engine: Engine, blocks: list[GradBlock], batch_grads: list[tor
     else:
         cause = ("it takes no part in the loss in eval mode (e.g. the model caches the representations it feeds); "
                  "track other layers")
-    return [f"{name}: gradient identically zero on the {triples.shape[0] // 2} probe triples ({cause})" for name in zero]
+    return [f"{name}: gradient vanishes on the {triples.shape[0] // 2} probe triples (its squared norm is 0 in float32, "
+            f"so every influence through it is 0: {cause})" for name in zero]
 
 
 # ---------------------------------------------------------------------------------------------- shared inputs
