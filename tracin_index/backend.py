@@ -186,9 +186,9 @@ def int_mm_plain(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a (M, K) int8`` x ``b (K, N) int8``: the exact int32 sums as float32 (``torch._int_mm``), or
-    :func:`int_mm_plain`'s same numbers where that op is missing, declines these shapes, or the backend is
-    ``plain``."""
-    if native():
+    :func:`int_mm_plain`'s same numbers where that op is missing, declines these shapes (or gets ``K = 1``
+    wrong), or the backend is ``plain``."""
+    if native() and a.shape[1] > 1:  # K = 1: torch._int_mm's oneDNN kernels give wrong sums on AMX CPUs
         try:
             return torch._int_mm(a, b).to(torch.float32)
         except (AttributeError, RuntimeError, NotImplementedError):
