@@ -1,4 +1,4 @@
-"""Accuracy vs cost of the projection (issue 5, target 7): which projection, k and candidate counts to default to.
+"""Accuracy vs cost of the projection: which projection, k and candidate counts to default to.
 
 UMLS (clean, ships with pykeen), ConvE trained as in ``bench_sampling.py`` (d=200, 32 filters, LCWA +
 BCEAfterSigmoid, inverse triples, Adam with ExponentialLR, ``--num-checkpoints`` TracinCheckpoint saves), or a
@@ -15,7 +15,7 @@ queried. Tables:
    skipped (the estimate: the last measured full build of that projection scaled by ``k / k_prev``, or before
    the first, a probe build of a sample that fills one batch, at ``dim=min(k, 256)``, scaled by
    ``(N / batch) * (k / dim)``. The gaussian cost is linear in k and the sparse one less than linear; on a shared
-   VM the probe can be off by 1.5x either way, so leave a margin).
+   VM the probe's estimate can be well off either way, so leave a margin).
 2. per ``--sweep`` config (default ``sparse:1024`` and ``auto``, the best other built config: highest mean
    re-rank recall at the defaults, then highest mean recall without re-rank, then fastest build), for every
    proponent candidate count in ``--sweep-pro`` x opponent count in ``--sweep-opp`` (top-10, exact re-rank):

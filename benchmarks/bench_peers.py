@@ -1,4 +1,4 @@
-"""Against the peers (issue 5, targets 5 and 6): Captum's TracIn and the earlier tool's per-pair loop.
+"""Against the peers: Captum's TracIn (printed as target 5) and the earlier tool's per-pair loop (target 6).
 
 Workload: UMLS (ships with pykeen; nothing is downloaded), ConvE trained as in ``bench_self_influence.py``
 (d=200, 32 filters, LCWA + BCEAfterSigmoid, inverse triples, Adam with ExponentialLR), one TracinCheckpoint
@@ -36,9 +36,9 @@ UMLS model and of a random-initialised FB15k-237-shaped ConvE (14,541 entities, 
 ours on the slice, and extrapolated to full queries. Ours: measured one-query latency and bulk scoring on UMLS.
 
 Every timed part runs after a warm-up on a small subset, ``--repeats`` times for ours and Captum's fast variants (the
-fastest is reported: on a shared 2-core VM timings move up to 2x between runs, for every method; recall is
+fastest is reported: on a shared VM timings vary between runs, for every method; recall is
 deterministic); ours and ``TracInCPFastRandProj`` alternate round by round, so that both see the same phases of the
-machine, and the per-round ratios are printed too. Captum's exact TracInCP (minutes) runs once.
+machine, and the per-round ratios are printed too. Captum's exact TracInCP (no build step, so the slowest) runs once.
 
     python benchmarks/bench_peers.py [--epochs 30] [--queries 100] [--dim 1024] [--seed 0] [--threads 2] [--repeats 3] [--out DIR]
 """
@@ -209,7 +209,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def best(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
-    """``fn``'s last result and its fastest of ``repeats`` runs (this VM's timings move up to 2x between runs,
+    """``fn``'s last result and its fastest of ``repeats`` runs (timings on a shared VM vary between runs,
     for every method alike; the minimum is the least disturbed)."""
     runs = [timed(fn) for _ in range(max(1, repeats))]
     return runs[-1][0], min(t for _, t in runs)
@@ -269,7 +269,7 @@ class PairLoop:
         for lr, state in zip(lrs, states, strict=True):
             self.model.load_state_dict(state)
             for m in range(len(test)):
-                g_test = self.gradient(test[m])  # cached per test triple (the notes' "test gradient caching")
+                g_test = self.gradient(test[m])  # cached per test triple, as the earlier tool does
                 for n in range(len(train)):
                     g = self.gradient(train[n])
                     out[m, n] += lr * sum(float(torch.dot(g[k].flatten(), g_test[k].flatten())) for k in g)
@@ -544,9 +544,9 @@ def main() -> None:
     print(f"| whole UMLS test set ({len(testing)} tests) | {fmt_s(per_pair * n_train * len(testing))} (extrapolated) "
           f"| {bulk_s:.1f} s bulk `score` (measured) + {ours_row.build_s:.1f} s build |")
     print(f"| one query, FB15k-237 ({FB_TRAIN:,} training triples) | {fmt_s(fb_pair * FB_TRAIN)} (extrapolated) "
-          f"| see RESULTS.md (20k-row synthetic runs) |")
+          f"| see RESULTS.md (bench_query.py at 272k rows) |")
     print(f"| whole FB15k-237 test set ({FB_TEST:,} tests) | {fmt_s(fb_pair * FB_TRAIN * FB_TEST)} (extrapolated) "
-          f"| see RESULTS.md |")
+          f"| see RESULTS.md (bench_query.py --bulk) |")
 
 
 if __name__ == "__main__":

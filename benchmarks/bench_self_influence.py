@@ -4,7 +4,7 @@ UMLS (ships with pykeen): the tail of a seeded ``--noise`` fraction of the train
 by a random other entity (never an existing UMLS triple). ConvE is trained on the noisy set (LCWA,
 BCEAfterSigmoid, Adam, ExponentialLR, inverse triples) with a TracinCheckpoint callback, then indexed
 under several settings. Training triples are ranked by ``open_index(...).self_influence()`` and by two
-baselines: the final model's BCE loss per triple (the baseline DESIGN section 3 asks for) and that
+baselines: the final model's BCE loss per triple (the usual mislabel-detection baseline) and that
 loss summed over the same checkpoints with their learning rates (what TracInCP's checkpoint sum adds,
 without the gradient). Prints markdown tables: ROC AUC and precision among the top ``--noise`` fraction.
 

@@ -1,7 +1,7 @@
 """Mislabel-detection helpers shared by ``tests/test_self_influence.py`` and ``benchmarks/bench_self_influence.py``.
 
-Independent of the package: label noise injection, the model's own loss per triple (the baseline DESIGN
-section 3 asks for), and ranking metrics in plain numpy.
+Independent of the package: label noise injection, the model's own loss per triple (the usual
+mislabel-detection baseline), and ranking metrics in plain numpy.
 """
 
 from __future__ import annotations

@@ -125,9 +125,10 @@ def test_pykeen_training_loop_checkpoint(run: Run, tmp_path: Path) -> None:
     # saved after the scheduler stepped: the stored lr is epoch 5's, not epoch 4's
     assert obj["optimizer_state_dict"]["param_groups"][0]["lr"] == pytest.approx(lr_of(EPOCHS + 1))
     assert lr_of(EPOCHS + 1) != lr_of(EPOCHS)
-    with pytest.raises(InputError, match=r"already stepped.*--lr LR") as info:
+    with pytest.raises(InputError, match=r"already stepped.*as checkpoints=\[\(.*, LR\)\] \(or default_lr=LR\)") as info:
         find_checkpoints(run.loop_file)
     assert "\n" not in str(info.value) and str(run.loop_file) in str(info.value)
+    assert f"explicitly with --checkpoint {run.loop_file} --lr LR (the lr" in info.value.render(lambda name: "--" + name)
     assert find_checkpoints(run.loop_file, default_lr=lr_of(EPOCHS)) == [(str(run.loop_file), lr_of(EPOCHS))]
 
     # without a scheduler the optimizer's lr is the lr of every epoch, the one read from the file
@@ -144,7 +145,7 @@ def test_pykeen_callback_files_need_an_lr(run: Run) -> None:
     # pykeen 1.11 adds 1 to the already 1-based epoch: checkpoint_0000002.pt holds the state after epoch 1
     assert [f.name for f in files] == [f"checkpoint_{e + 1:07d}.pt" for e in range(1, EPOCHS + 1)]
     assert _same(_load(files[0])["state_dict"], run.states[1])
-    with pytest.raises(InputError, match=r"holds no learning rate; pass it explicitly with --checkpoint .* --lr LR") as info:
+    with pytest.raises(InputError, match=r"holds no learning rate; pass it explicitly as checkpoints=\[\(") as info:
         find_checkpoints(run.pykeen_dir)
     assert "\n" not in str(info.value)
     found = find_checkpoints(run.pykeen_dir, default_lr=0.5)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tracin_index import BuildConfig, IndexMismatchError, ProjectionSpec, build_index, load_model, open_index
+from tracin_index import BuildConfig, IndexMismatchError, InputError, ProjectionSpec, build_index, load_model, open_index
 from tracin_index.cli import main
 
 from .conftest import Trained, exact_ends
@@ -76,6 +78,29 @@ def test_cli_errors_are_one_line(demo_index: Path, args: list[str], message: str
     assert res.exit_code == 2
     assert message in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_python_errors_name_python_arguments(demo_index: Path) -> None:
+    """The same mistakes from Python name the keyword argument, from the command line the option."""
+    index = open_index(demo_index)
+    with pytest.raises(InputError, match=r"^k=0 is out of range; choose 1\.\.1592 "):
+        index.query("brazil intergovorgs usa", k=0)
+    with pytest.raises(InputError, match=r"^opponent_candidates=0 must be at least 1$"):
+        index.query("brazil intergovorgs usa", opponent_candidates=0)
+    with pytest.raises(InputError, match=r"^mode='max' is unknown; choose one of dot, cosine, abs$"):
+        index.query("brazil intergovorgs usa", mode="max")
+    with pytest.raises(InputError, match=r"^relations='friendof' is not a relation of this index"):
+        index.query("brazil intergovorgs usa", relations=["friendof"])
+    res = CliRunner().invoke(main, ["query", str(demo_index), "--triple", "brazil intergovorgs usa", "--relation", "friendof"])
+    assert res.exit_code == 2 and res.output.startswith("Error: --relation friendof is not a relation of this index")
+
+
+def test_default_query_path_does_not_import_faiss(demo_index: Path) -> None:
+    code = ("import sys\nfrom tracin_index import open_index\n"
+            f"open_index({str(demo_index)!r}).query('brazil intergovorgs usa', k=3)\n"
+            "print('faiss' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_changed_checkpoint_is_refused(conve_inverse: Trained, tmp_path: Path) -> None:

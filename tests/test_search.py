@@ -75,7 +75,8 @@ def test_inner_pairs_equals_the_dense_inner_product(dense_pairs: int, monkeypatc
 @pytest.mark.parametrize(("c", "scaled"), [(1, False), (1, True), (2, False), (2, True)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_int8_prefilter_finds_the_full_top_k_and_returns_whole_row_products(c: int, scaled: bool, masked: bool) -> None:
-    """The ad-hoc two-stage search: int8 products over every row, then float32 rows for 4x the candidates."""
+    """The ad-hoc two-stage search: int8 products over every row, then float32 rows for ``PREFILTER_FACTOR`` x the
+    candidates."""
     rng = np.random.default_rng(1)
     n, k, m = 40_000, 128 // c, 3
     rows = rng.standard_normal((n, c * k)).astype(np.float32)

@@ -100,7 +100,7 @@ def test_self_influence_detects_flipped_tails(noisy_umls: Noisy) -> None:
     precision = precision_at(order, noisy_umls.flipped, 0.05)
     random_auc = roc_auc(np.random.default_rng(0).random(len(order)), noisy_umls.flipped)
     print(f"\nself-influence AUC {auc:.3f}, P@5% {precision:.3f} (random ranking: AUC {random_auc:.3f})")
-    # measured (2 CPU threads, torch 2.13): AUC 0.80, P@5% 0.16 (42 of the top 261); random ranking 0.51
+    # thresholds well above chance (AUC 0.5, P@5% 0.05) with a margin for run-to-run differences in training
     assert auc > 0.7
     assert precision > 0.10
     assert abs(random_auc - 0.5) < 0.05

@@ -12,59 +12,67 @@ Public API::
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-from .build import BuildConfig, build_index, sample_rows
-from .errors import IndexMismatchError, InputError, StoreError, TracinError
-from .losses import LOSSES
-from .model import ModelBundle, load_model
-from .opening import open_index
-from .projection import PROJECTIONS, ProjectionSpec
-from .query import TracinIndex
-from .rankings import (
-    MODES,
-    AggregateResult,
-    Influence,
-    QueryResult,
-    Ranking,
-    Results,
-    ScoreSettings,
-    self_influence_ranking,
-)
-from .results import write_scores
+# Each public name and the module it lives in: a module is imported when one of its names is first used,
+# so ``import tracin_index`` itself imports nothing heavy (no torch, pykeen or FAISS).
+_EXPORTS = {
+    "BuildConfig": "build", "build_index": "build", "sample_rows": "build",
+    "IndexMismatchError": "errors", "InputError": "errors", "StoreError": "errors", "TracinError": "errors",
+    "FORMATS": "registry", "LOSSES": "registry", "MODES": "registry", "PROJECTIONS": "registry",
+    "SEARCHES": "registry", "STRATEGIES": "registry",
+    "ModelBundle": "model", "load_model": "model",
+    "open_index": "opening",
+    "ProjectionSpec": "projection",
+    "TracinIndex": "query",
+    "AggregateResult": "rankings", "Influence": "rankings", "QueryResult": "rankings", "Ranking": "rankings",
+    "Results": "rankings", "ScoreSettings": "rankings", "self_influence_ranking": "rankings",
+    "write_json": "results", "write_records": "results", "write_scores": "results",
+    "collect_builds": "retention",
+    "TracinCheckpoint": "callbacks", "find_checkpoints": "callbacks",
+}
 
-__all__ = [
-    "LOSSES",
-    "MODES",
-    "AggregateResult",
-    "Ranking",
-    "Results",
-    "ScoreSettings",
-    "sample_rows",
-    "self_influence_ranking",
-    "write_scores",
-    "PROJECTIONS",
-    "BuildConfig",
-    "Influence",
-    "IndexMismatchError",
-    "InputError",
-    "ModelBundle",
-    "ProjectionSpec",
-    "QueryResult",
-    "StoreError",
-    "TracinError",
-    "TracinIndex",
-    "__version__",
-    "build_index",
-    "load_model",
-    "open_index",
+__all__ = [  # every name of _EXPORTS, and the version
+    "AggregateResult", "BuildConfig", "FORMATS", "IndexMismatchError", "Influence", "InputError", "LOSSES",
+    "MODES", "ModelBundle", "PROJECTIONS", "ProjectionSpec", "QueryResult", "Ranking", "Results", "SEARCHES",
+    "STRATEGIES", "ScoreSettings", "StoreError", "TracinCheckpoint", "TracinError", "TracinIndex",
+    "__version__", "build_index", "collect_builds", "find_checkpoints", "load_model", "open_index",
+    "sample_rows", "self_influence_ranking", "write_json", "write_records", "write_scores",
 ]
+
+if TYPE_CHECKING:
+    from .build import BuildConfig, build_index, sample_rows
+    from .callbacks import TracinCheckpoint, find_checkpoints
+    from .errors import IndexMismatchError, InputError, StoreError, TracinError
+    from .model import ModelBundle, load_model
+    from .opening import open_index
+    from .projection import ProjectionSpec
+    from .query import TracinIndex
+    from .rankings import (
+        AggregateResult,
+        Influence,
+        QueryResult,
+        Ranking,
+        Results,
+        ScoreSettings,
+        self_influence_ranking,
+    )
+    from .registry import FORMATS, LOSSES, MODES, PROJECTIONS, SEARCHES, STRATEGIES
+    from .results import write_json, write_records, write_scores
+    from .retention import collect_builds
 
 
 def __getattr__(name: str) -> object:
-    # The training callback imports pykeen.training (about 2 s): load it only when asked for.
-    if name in ("TracinCheckpoint", "find_checkpoints"):
-        from . import callbacks
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tracin_index' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(callbacks, name)
-    raise AttributeError(f"module 'tracin_index' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

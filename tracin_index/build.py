@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError, StoreError
+from .errors import InputError, StoreError, arg
 from .location import StorePath, Where, location
 from .locks import BuildLock
 from .losses import DEFAULT_LOSS
 from .model import ModelBundle, load_checkpoints, select_parameters, triples_fingerprint
 from .projection import DEFAULT_MEMORY, ProjectionSpec
-from .runtime import resolve_device
+from .registry import LOSSES, STRATEGIES
+from .runtime import faiss_module, resolve_device
 from .store import BUILDS, SCHEMA_VERSION, Store, builds, latest_build, publish, remove_build
 from .tracer import GRADIENT_MEMORY, Tracer
 from .verify import verify_rows
@@ -32,9 +33,6 @@ __all__ = ["BuildConfig", "build_index", "make_plan", "sample_rows", "software_v
 
 # the distributed steps, in .shards (which builds on this module), importable from here as well
 _SHARDS = ("PREPARED", "build_shard", "finalize_build", "parse_shard", "prepare_build", "shard_units", "shard_with_plan")
-
-STRATIFY = ("relation", "none")
-
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -57,34 +55,37 @@ class BuildConfig:
     gradient_memory: int = GRADIENT_MEMORY  # bytes one batch's gradients and activations may take
 
     def check(self) -> None:
+        """Refuse any setting outside its range or its registry, in one line naming the argument."""
         if self.dtype not in (None, "float16", "float32"):
-            raise InputError(f"--dtype {self.dtype!r} is unknown; choose float16 or float32")
+            raise InputError(f"{arg('dtype', self.dtype)} is unknown; choose float16 or float32")
         self.projection.check()
-        from .losses import LOSSES
-
-        if self.loss not in LOSSES:
-            raise InputError(f"--loss {self.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+        LOSSES.check(self.loss)
         if not (0.0 < self.sample_rate <= 1.0):
-            raise InputError(f"--sample-rate {self.sample_rate} is out of range; choose a fraction in (0, 1]")
-        if self.stratify not in STRATIFY:
-            raise InputError(f"--stratify {self.stratify!r} is unknown; choose one of {', '.join(STRATIFY)}")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.unit_rows < 1:
-            raise InputError(f"--unit-rows {self.unit_rows} must be at least 1")
-        if self.gradient_memory < 1:
-            raise InputError(f"--gradient-memory {self.gradient_memory} must be a positive number of bytes")
+            raise InputError(f"{arg('sample_rate', self.sample_rate)} is out of range; choose a fraction in (0, 1]")
+        STRATEGIES.check(self.stratify)
+        for name in ("batch_size", "unit_rows", "gradient_memory"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{arg(name, getattr(self, name))} must be at least 1")
 
 
 def software_versions() -> dict[str, str]:
-    import faiss
+    from importlib.metadata import PackageNotFoundError, version
+
     import pykeen
     import zarr
 
     from . import __version__
 
+    def faiss_version() -> str:  # read from the installed distribution: importing faiss is not needed to build
+        for dist in ("faiss-cpu", "faiss-gpu", "faiss"):
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                continue
+        return str(faiss_module().__version__)
+
     return {"tracin_index": __version__, "torch": torch.__version__, "pykeen": pykeen.get_version(),
-            "zarr": zarr.__version__, "faiss": faiss.__version__, "numpy": np.__version__}
+            "zarr": zarr.__version__, "faiss": faiss_version(), "numpy": np.__version__}
 
 
 def sample_rows(triples: torch.Tensor, rate: float, stratify: str = "relation", seed: int = 0) -> np.ndarray:
@@ -116,9 +117,9 @@ def _check_out(out: StorePath, bundle: ModelBundle, checkpoints: list[tuple[str,
         for p in inputs:
             src = p.resolve()
             if target == src or target in src.parents or src in target.parents:
-                raise InputError(f"output {out} would overwrite or nest inside the input {p}; choose another --out")
+                raise InputError(f"output {out} would overwrite or nest inside the input {p}; choose another {arg('out')}")
     if (out / "zarr.json").exists():
-        raise InputError(f"{out} is a single build, not an index directory; choose a new --out (builds go to OUT/builds/)")
+        raise InputError(f"{out} is a single build, not an index directory; choose a new {arg('out')} (builds go to its builds/)")
     # a file or a foreign directory as --out is refused by BuildLock, before it creates anything
 
 
@@ -181,7 +182,7 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
     ckpts = load_checkpoints(bundle.model, checkpoints)
     all_triples = bundle.triples.mapped
     if all_triples.shape[0] == 0:
-        raise InputError("the training set is empty; nothing to index (check --triples / the model directory)")
+        raise InputError("the training set is empty; nothing to index (check the model's training triples)")
     names = select_parameters(bundle.model, config.layers, all_triples[:2])
     keep = sample_rows(all_triples, config.sample_rate, config.stratify, config.sample_seed)
     triples = all_triples[torch.from_numpy(keep)]
@@ -240,7 +241,7 @@ def _up_to_date(out: StorePath, plan: _Plan, say: Callable[[str], None]) -> Stor
     if not same:
         return None
     say(f"{out} is up to date (build {current.name} has the same model, checkpoints, triples and settings); "
-        "nothing to do (--force rebuilds)")
+        f"nothing to do ({arg('force', True)} rebuilds)")
     published.build_report = {"skipped": True, "resumed_units": 0, "computed_units": 0, "build": current.name}
     return published
 
@@ -374,12 +375,12 @@ def _write_units(store: Store, tracer: Tracer, triples: torch.Tensor, config: Bu
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     r = tracer.rows(triples[start:stop], batch_size=config.batch_size, keep_acts=keep_acts)
-                # torch's float32 -> float16 rounding is numpy's, bit for bit, and vectorised (numpy's is ~60x slower)
+                # torch's float32 -> float16 rounding is numpy's, bit for bit, and vectorised (numpy's is not)
                 rows = r.rows.to(getattr(torch, dtype)).cpu().numpy()
                 # rows are finite (Tracer.rows): only one beyond the dtype's largest can overflow
                 if r.peak > float(np.finfo(rows.dtype).max) and not np.isfinite(rows).all():
-                    raise InputError(f"projected gradients reach {r.peak:.3g}, beyond {dtype}'s range; build with --dtype "
-                                     "float32 (or check the checkpoints' learning rates)")
+                    raise InputError(f"projected gradients reach {r.peak:.3g}, beyond {dtype}'s range; build with "
+                                     f"{arg('dtype', 'float32')} (or check the checkpoints' learning rates)")
                 self_inf = tracer.self_influence(r.sq_norms).cpu().numpy().astype(np.float32)
                 norms = r.sq_norms.sqrt().cpu().numpy().astype(np.float32)
                 t1 = time.perf_counter()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from typing import Any
 import torch
 from pykeen.training.callbacks import TrainingCallback
 
-from .errors import InputError
+from .atomic import replacing
+from .errors import InputError, spelled
 from .model import _state_dict_of
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_SUFFIXES", "TracinCheckpoint", "find_checkpoints"]
@@ -121,22 +121,9 @@ class TracinCheckpoint(TrainingCallback):
             "state_dict": state,
         }
         path = self.directory / _NAME.format(epoch=epoch)
-        _atomic_save(payload, path)
+        with replacing(path) as tmp:
+            torch.save(payload, tmp)
         self.saved.append(path)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a hidden temporary file beside ``path``, fsync, then ``os.replace`` onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -183,7 +170,8 @@ def find_checkpoints(path: str | os.PathLike[str], *, default_lr: float | None =
         if not files:
             raise InputError(
                 f"no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) in {root}; "
-                "train with TracinCheckpoint(directory) or give the files with --checkpoint FILE --lr LR"
+                "train with TracinCheckpoint(directory) or give the files "
+                + spelled("as checkpoints=[(FILE, LR), ...]", "with --checkpoint FILE --lr LR")
             )
     else:
         files = [root]
@@ -219,7 +207,8 @@ def _inspect(path: Path, default_lr: float | None) -> _Found:
         ) from exc
     numbers = re.findall(r"\d+", path.stem)
     name_epoch = int(numbers[-1]) if numbers else -1
-    fix = f"pass it explicitly with --checkpoint {path} --lr LR"
+    fix = "pass it explicitly " + spelled(f"as checkpoints=[({str(path)!r}, LR)] (or default_lr=LR)",
+                                          f"with --checkpoint {path} --lr LR")
 
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         if obj.get("version") != CHECKPOINT_VERSION:

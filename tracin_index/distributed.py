@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .build import BuildConfig, make_plan
-from .errors import InputError, TracinError
+from .errors import InputError, TracinError, arg
 from .location import Where, location
 from .model import ModelBundle
 from .shards import finalize_build, prepare_build, shard_units, shard_with_plan
@@ -70,7 +70,7 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise InputError("--executor ray needs Ray: pip install 'tracin-index[ray]'") from None
+        raise InputError(f"{arg('executor', 'ray')} needs Ray: pip install 'tracin-index[ray]'") from None
     return ray
 
 
@@ -104,7 +104,7 @@ def ray_build(
     say = log or (lambda _msg: None)
     checkpoints = checkpoints or []
     if gpus_per_worker < 0 or cpus_per_worker < 1:
-        raise InputError("--gpus-per-worker must be >= 0 and cpus per worker >= 1")
+        raise InputError(f"{arg('gpus_per_worker')} must be >= 0 and cpus per worker >= 1")
     started_here = False
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -118,7 +118,7 @@ def ray_build(
                 workers = int(resources.get("CPU", 1) // cpus_per_worker)
         if workers < 1:
             raise InputError(f"the Ray cluster has {resources.get('GPU', 0):g} GPUs and {resources.get('CPU', 0):g} CPUs: "
-                             "too few for one worker; lower --gpus-per-worker or add nodes")
+                             f"too few for one worker; lower {arg('gpus_per_worker')} or add nodes")
         actor_cls = ray.remote(ShardWorker).options(num_gpus=gpus_per_worker, num_cpus=cpus_per_worker, max_restarts=0)
         bundle_ref = ray.put(bundle)
         where = location(out)

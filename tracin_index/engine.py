@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .errors import InputError
+from .errors import InputError, arg
 from .fold import FoldedSequential, fold
 from .forms import DenseGrad, GradBlock, OuterGrad, RowsGrad, SharedOuterGrad, TrackedParam
 from .linalg import cat_parts
@@ -314,7 +314,7 @@ def _one_triple(loss: torch.Tensor, tensors: Sequence[torch.Tensor],
     except RuntimeError as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"per-triple gradients of {', '.join(p.name for p in params)} cannot be computed ({reason}); "
-                         "track other layers (--layers)") from None
+                         f"track other layers ({arg('layers')})") from None
 
 
 def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

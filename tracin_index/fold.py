@@ -5,8 +5,8 @@ convolution: after it (``w * g``, ``(b - mean) * g + beta``, ``g = gamma / sqrt(
 the convolution has no padding, before it (``w * a`` per input channel, ``b + sum(w * shift)``).
 Dropout is the identity, and a ReLU can overwrite its input when that input is this encoder's own
 intermediate. ConvE's ``hr2d`` (BatchNorm2d, Dropout, Conv2d, BatchNorm2d, ReLU, Dropout2d) becomes one
-convolution and an in-place ReLU: its three passes over 10,368 floats per row were most of the exact
-re-rank's model time.
+convolution and an in-place ReLU instead of three passes over its 10,368 floats per row, a large share of
+the exact re-rank's model work.
 
 Only modules that run before every tracked module use it (the probe of :mod:`tracin_index.plan`
 finds them), so no gradient the tracer takes flows through them, and they run under ``no_grad``.

@@ -1,7 +1,7 @@
 """Where an index lives: a local directory (:class:`pathlib.Path`) or an ``s3://bucket/prefix`` URL.
 
-Local paths stay plain ``Path`` objects, so everything local works exactly as before (flock, fsync and
-rename). A URL becomes an :class:`ObjectPath`: the few ``Path`` operations the store and the builder
+Local paths stay plain ``Path`` objects, so everything local uses the filesystem directly (flock, fsync
+and rename). A URL becomes an :class:`ObjectPath`: the few ``Path`` operations the store and the builder
 use (``/``, ``name``, ``exists``, ``read_text``, ``iterdir``...), done on the bucket with s3fs. Zarr
 opens a build at a URL through fsspec as well (``zarr.storage.FsspecStore``).
 

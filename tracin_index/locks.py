@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from .errors import StoreError
+from .errors import StoreError, arg
 from .location import ObjectPath, Where, location
 
 __all__ = ["LOCK", "BuildLock", "ObjectLock"]
@@ -52,10 +52,10 @@ class BuildLock:
         from .store import BUILDS, LATEST  # the index layout (store imports this module)
 
         if self.home.exists() and not self.home.is_dir():
-            raise StoreError(f"{self.home} is a file, not an index directory; choose another --out")
+            raise StoreError(f"{self.home} is a file, not an index directory; choose another {arg('out')}")
         if self.home.is_dir() and any(True for _ in self.home.iterdir()) and not (
                 (self.home / BUILDS).is_dir() or (self.home / LATEST).exists() or self.path.exists()):
-            raise StoreError(f"{self.home} exists and is not a tracin-index index; choose another --out")
+            raise StoreError(f"{self.home} exists and is not a tracin-index index; choose another {arg('out')}")
 
     def acquire(self) -> BuildLock:
         import fcntl

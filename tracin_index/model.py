@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, arg
 from .triples import (
     PYKEEN_PREFIX,
     TriplesData,
@@ -137,14 +137,16 @@ def load_model(
         if triples_data is None:
             tdir = p / TRAINING_TRIPLES_DIR
             if not tdir.is_dir():
-                raise InputError(f"{p} has no {TRAINING_TRIPLES_DIR}/; give --triples with --entity-to-id/--relation-to-id")
+                raise InputError(f"{p} has no {TRAINING_TRIPLES_DIR}/; give "
+                                 f"{arg('triples')} with {arg('entity_to_id')}/{arg('relation_to_id')}")
             triples_data = _triples_from_pykeen_dir(tdir)
     else:
         obj = _torch_load(p, "model file")
         if triples_data is None:
             tdir = p.parent / TRAINING_TRIPLES_DIR
             if not tdir.is_dir():
-                raise InputError(f"no training triples for {p}: give --triples with --entity-to-id/--relation-to-id")
+                raise InputError(f"no training triples for {p}: give "
+                                 f"{arg('triples')} with {arg('entity_to_id')}/{arg('relation_to_id')}")
             triples_data = _triples_from_pykeen_dir(tdir)
 
     if isinstance(obj, nn.Module):
@@ -153,7 +155,7 @@ def load_model(
     else:
         state = _state_dict_of(obj, p)
         if model_class is None:
-            raise InputError(f"{p} is a state dict; name its model with --model-class (e.g. ConvE)")
+            raise InputError(f"{p} is a state dict; name its model with {arg('model_class')} (e.g. ConvE)")
         model = _build_model(model_class, model_kwargs or {}, triples_data, inverse_triples)
         _load_state(model, state, str(p))
         source.update(kind="state_dict", model_class=model_class, model_kwargs=model_kwargs or {})
@@ -342,9 +344,9 @@ def select_parameters(model: nn.Module, spec: str, probe: torch.Tensor) -> list[
         try:
             count = int(spec.split(":", 1)[1])
         except ValueError:
-            raise InputError(f"--layers {spec!r}: expected last:N with an integer N") from None
+            raise InputError(f"{arg('layers', spec)}: expected last:N with an integer N") from None
         if not 1 <= count <= len(order):
-            raise InputError(f"--layers {spec!r}: N must be between 1 and {len(order)} (the model's parameterised layers)")
+            raise InputError(f"{arg('layers', spec)}: N must be between 1 and {len(order)} (the model's parameterised layers)")
         chosen = [n for m in order[-count:] for n in direct(m)]
     else:
         chosen = []
@@ -355,11 +357,11 @@ def select_parameters(model: nn.Module, spec: str, probe: torch.Tensor) -> list[
                 chosen.extend(direct(item))
             else:
                 known = list(params) + [m for m in order]
-                raise InputError(f"--layers: no parameter or layer named {item!r}{suggest(item, known)}")
+                raise InputError(f"{arg('layers')}: no parameter or layer named {item!r}{suggest(item, known)}")
         rank = {n: i for i, n in enumerate(n for m in order for n in direct(m))}
         chosen = sorted(dict.fromkeys(chosen), key=lambda n: rank[n])
     if not chosen:
-        raise InputError(f"--layers {spec!r} selects no parameters")
+        raise InputError(f"{arg('layers', spec)} selects no parameters")
     return chosen
 
 

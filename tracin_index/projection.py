@@ -15,16 +15,16 @@ device and run, and never materialised beyond a memory budget:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, arg
 from .forms import GradBlock, TrackedParam, densify
+from .registry import PROJECTIONS
 
-__all__ = ["PROJECTIONS", "ProjectionSpec", "Projector", "make_projector", "hash64"]
+__all__ = ["ProjectionSpec", "Projector", "make_projector", "hash64"]
 
 CHUNK = 1 << 15  # columns of P generated at once by the gaussian kind (part of its definition)
 SMALL_SKETCH = 1024  # up to this many columns, a CountSketch on the CPU is an index_add_
@@ -81,12 +81,10 @@ class ProjectionSpec:
 
     def check(self) -> None:
         """Refuse an unknown kind, a dimension outside 1..65536 or a negative seed (one-line errors)."""
-        if self.kind not in PROJECTIONS:
-            raise InputError(f"unknown projection {self.kind!r}; choose one of {', '.join(PROJECTIONS)}")
-        if self.kind != "none" and not 1 <= self.dim <= 65536:
-            raise InputError(f"--dim {self.dim} is out of range; choose 1..65536 (1024 is the default)")
+        if PROJECTIONS[self.kind]["dim"] and not 1 <= self.dim <= 65536:
+            raise InputError(f"{arg('dim', self.dim)} is out of range; choose 1..65536 (1024 is the default)")
         if self.seed < 0:
-            raise InputError(f"--seed {self.seed} must be a non-negative integer")
+            raise InputError(f"{arg('seed', self.seed)} must be a non-negative integer")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -111,8 +109,8 @@ class NoProjection(Projector):
         self.out_dim = sum(p.size for p in params)
         if self.out_dim > MAX_EXACT_DIM:
             raise InputError(
-                f"--projection none would store {self.out_dim:,} numbers per triple (limit {MAX_EXACT_DIM:,}); "
-                "use --projection sparse or track fewer layers"
+                f"{arg('projection', 'none')} would store {self.out_dim:,} numbers per triple (limit {MAX_EXACT_DIM:,}); "
+                f"use {arg('projection', 'sparse')} or track fewer layers"
             )
 
     def __call__(self, blocks: list[GradBlock]) -> torch.Tensor:
@@ -249,15 +247,8 @@ def _sum(parts: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-PROJECTIONS: dict[str, Callable[[ProjectionSpec, list[TrackedParam], torch.device, int], Projector]] = {
-    "sparse": SketchProjector,
-    "gaussian": GaussianProjector,
-    "none": NoProjection,
-}
-
-
 def make_projector(
     spec: ProjectionSpec, params: list[TrackedParam], device: torch.device, memory: int = DEFAULT_MEMORY
 ) -> Projector:
     spec.check()
-    return PROJECTIONS[spec.kind](spec, params, device, memory)
+    return PROJECTIONS[spec.kind].load()(spec, params, device, memory)

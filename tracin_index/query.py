@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, arg
 from .rankings import (
-    MODES,
     TEST_COLUMNS,
     TRAIN_COLUMNS,
     AggregateResult,
@@ -31,6 +30,7 @@ from .rankings import (
     default_candidates,
     self_influence_ranking,
 )
+from .registry import MODES
 from .search import available_memory, load_rows, make_searcher
 from .store import Store
 from .tracer import Tracer
@@ -56,7 +56,7 @@ def _reciprocal(x: np.ndarray) -> np.ndarray:
 
 def _distinct_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(a, return_inverse=True)`` for a 1-D int array, by one stable sort: numpy 2's ``unique``
-    hashes first (12 against 0.6 ms for 60,000 int64; tens of seconds for a bulk batch's 10M keys)."""
+    hashes first, which is much slower on int64 keys, above all on a bulk batch's millions of them."""
     order = np.argsort(a, kind="stable")
     ranked = a[order]
     first = np.r_[True, ranked[1:] != ranked[:-1]] if len(ranked) else np.zeros(0, dtype=bool)
@@ -124,13 +124,12 @@ class TracinIndex:
                  neighbourhood: bool = False, candidates: int | None = None,
                  opponent_candidates: int | None = None, rerank: bool = True) -> ScoreSettings:
         """Checked :class:`ScoreSettings` (labels resolved, ranges checked)."""
-        if mode not in MODES:
-            raise InputError(f"--mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
+        MODES.check(mode)
         if not 1 <= k <= self.num_rows:
-            raise InputError(f"--top-k {k} is out of range; choose 1..{self.num_rows} (the indexed training triples)")
-        for name, value in (("--candidates", candidates), ("--opponent-candidates", opponent_candidates)):
+            raise InputError(f"{arg('k', k)} is out of range; choose 1..{self.num_rows} (the indexed training triples)")
+        for name, value in (("candidates", candidates), ("opponent_candidates", opponent_candidates)):
             if value is not None and value < 1:
-                raise InputError(f"{name} {value} must be at least 1")
+                raise InputError(f"{arg(name, value)} must be at least 1")
         return ScoreSettings(k=k, mode=mode, relations=self.relation_ids(relations), neighbourhood=neighbourhood,
                              candidates=candidates, opponent_candidates=opponent_candidates, rerank=rerank)
 
@@ -204,7 +203,7 @@ class TracinIndex:
         """Rank training triples for one batch of test triples ``(M, 3) int64`` (the engine).
 
         ``progress(fraction)`` is called as the batch goes (a bulk batch can be the whole test set):
-        after the search (weighted 0.45, about its share of the time at FB15k-237 scale), then per
+        after the search (weighted 0.45, roughly its share of a batch's time), then per
         batch of re-ranked training triples.
         """
         q, test_scale, blocks = self._queries(test, s, keep_blocks=s.rerank)
@@ -299,12 +298,12 @@ class TracinIndex:
         gradients and candidate pairs).
 
         The re-rank computes each distinct candidate's gradient once per batch, so a batch of the whole
-        test set recomputes at most every training triple once; batches of 64 would recompute ~38k rows
-        each at FB15k-237 scale. At least 64 (a batch is also the unit a killed ``write_scores`` resumes from).
+        test set recomputes at most every training triple once, while small batches recompute many of the same
+        rows again in each batch. At least 64 (a batch is also the unit a killed ``write_scores`` resumes from).
         """
         if requested is not None:
             if requested < 1:
-                raise InputError(f"--batch-size {requested} must be at least 1")
+                raise InputError(f"{arg('batch_size', requested)} must be at least 1")
             return requested
         if self._per_test_bytes is None:
             with torch.no_grad():

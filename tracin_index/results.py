@@ -19,23 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError, StoreError
+from .atomic import replacing
+from .errors import InputError, StoreError, arg
 from .model import triples_fingerprint
 from .query import TEST_COLUMNS, TRAIN_COLUMNS, ScoreSettings, TracinIndex
+from .registry import FORMATS, format_for
 
-__all__ = ["FORMATS", "output_format", "write_records", "write_scores"]
+__all__ = ["JSONL", "PARQUET", "check_output", "output_format", "write_json", "write_records", "write_scores"]
 
-FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
 MANIFEST = "manifest.json"
 _STR = {"test_head", "test_relation", "test_tail", "mode", "kind", "head", "relation", "tail"}
 
 
 def output_format(path: str | os.PathLike[str]) -> str:
-    """``parquet`` or ``jsonl`` from the file's extension; anything else is refused."""
-    fmt = FORMATS.get(Path(path).suffix.lower())
-    if fmt is None:
-        raise InputError(f"--out {path}: the extension picks the format; use .parquet or .jsonl")
-    return fmt
+    """The table format (``parquet`` or ``jsonl``) that ``path``'s extension picks; anything else is refused."""
+    return format_for(path, tables_only=True).name
 
 
 def _schema(columns: list[str]) -> Any:
@@ -47,55 +45,70 @@ def _schema(columns: list[str]) -> Any:
     return pa.schema([(c, typ(c)) for c in columns])
 
 
-def _write_part(records: list[dict[str, Any]], columns: list[str], path: Path, fmt: str) -> None:
-    """Write ``records`` to ``path`` completely or not at all (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if fmt == "jsonl":
-            with open(tmp, "w", encoding="utf-8") as f:
-                for rec in records:
-                    f.write(json.dumps({c: rec[c] for c in columns}, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+class JSONL:
+    """JSON Lines: one object per record; parts join by concatenation."""
 
-            table = pa.Table.from_pylist([{c: rec[c] for c in columns} for rec in records], schema=_schema(columns))
-            pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    @staticmethod
+    def write(records: list[dict[str, Any]], columns: list[str], path: Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps({c: rec[c] for c in columns}, ensure_ascii=False) + "\n")
+
+    @staticmethod
+    def join(parts: list[Path], columns: list[str], path: Path) -> None:
+        with open(path, "wb") as f:
+            for p in parts:
+                f.write(p.read_bytes())
+
+
+class PARQUET:
+    """Apache Parquet with a fixed schema per column; parts join as row groups of one file."""
+
+    @staticmethod
+    def write(records: list[dict[str, Any]], columns: list[str], path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist([{c: rec[c] for c in columns} for rec in records], schema=_schema(columns))
+        pq.write_table(table, path)
+
+    @staticmethod
+    def join(parts: list[Path], columns: list[str], path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        with pq.ParquetWriter(path, _schema(columns)) as writer:
+            for p in parts:
+                writer.write_table(pq.read_table(p))
+
+
+def _write_part(records: list[dict[str, Any]], columns: list[str], path: Path, fmt: str) -> None:
+    """Write ``records`` to ``path`` completely or not at all."""
+    with replacing(path) as tmp:
+        FORMATS[fmt].load().write(records, columns, tmp)
 
 
 def _join(parts: list[Path], columns: list[str], out: Path, fmt: str) -> None:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        if fmt == "jsonl":
-            with open(tmp, "wb") as f:
-                for p in parts:
-                    f.write(p.read_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            import pyarrow.parquet as pq
-
-            with pq.ParquetWriter(tmp, _schema(columns)) as writer:
-                for p in parts:
-                    writer.write_table(pq.read_table(p))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(out) as tmp:
+        FORMATS[fmt].load().join(parts, columns, tmp)
 
 
-def _check_out(out: Path, overwrite: bool) -> str:
-    fmt = output_format(out)
+def write_json(payload: Any, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """One JSON document (``run``'s nested results, one object per test triple) written atomically."""
+    out = Path(out)
+    check_output(out, overwrite, tables_only=False)
+    with replacing(out) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def check_output(out: Path, overwrite: bool, tables_only: bool = True) -> str:
+    """The format of ``out``, refused in one line when it is a directory, has another extension, or exists
+    without ``overwrite``; creates its parent directory."""
+    fmt = format_for(out, tables_only=tables_only).name
     if out.is_dir():
-        raise InputError(f"--out {out} is a directory; give a file name ending in .parquet or .jsonl")
+        raise InputError(f"{arg('out', out)} is a directory; give a file name ending in {FORMATS[fmt]['suffix']}")
     if out.exists() and not overwrite:
-        raise StoreError(f"{out} already exists; pass --overwrite to replace it")
+        raise StoreError(f"{out} already exists; pass {arg('overwrite', True)} to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     return fmt
 
@@ -104,7 +117,7 @@ def write_records(records: list[dict[str, Any]], columns: list[str], out: str | 
                   overwrite: bool = False) -> Path:
     """Write a small table (a ranking) to ``out`` (.parquet or .jsonl), atomically."""
     out = Path(out)
-    fmt = _check_out(out, overwrite)
+    fmt = check_output(out, overwrite)
     _write_part(records, columns, out, fmt)
     return out
 
@@ -134,7 +147,7 @@ def write_scores(
     a killed run resumes from its last finished batch.
     """
     out = Path(out)
-    fmt = _check_out(out, overwrite)
+    fmt = check_output(out, overwrite)
     triples = index.parse(test)
     positions = np.arange(len(triples)) if test_index is None else np.asarray(test_index, dtype=np.int64)
     batch_size = index.bulk_batch_size(len(triples), settings, requested=batch_size)

@@ -23,13 +23,11 @@ every float32 row.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 import torch
 
-from .errors import InputError
 from .int8 import (
     INT8_MAX_WIDTH,
     PACK_MIN_ROWS,
@@ -40,7 +38,12 @@ from .int8 import (
     prefilter_scan,
     quantize_rows,
 )
+from .registry import SEARCHES
+from .runtime import faiss_module
 from .store import Store
+
+if TYPE_CHECKING:
+    import faiss
 
 # Int8Rows, PREFILTER_QUERIES, prefilter_scan and quantize_rows live in .int8, re-exported here
 __all__ = ["BACKENDS", "PREFILTER_QUERIES", "FaissSearcher", "Int8Rows", "Searcher", "StreamSearcher", "TorchSearcher",
@@ -48,13 +51,13 @@ __all__ = ["BACKENDS", "PREFILTER_QUERIES", "FaissSearcher", "Int8Rows", "Search
            "quantize_rows", "scan", "scan_blocks", "search"]
 
 Mask = Callable[[int, int], torch.Tensor | None]
-BACKENDS = ("auto", "torch", "full", "faiss", "stream")
+BACKENDS = SEARCHES.names
 SCORE_COPIES = 3  # float32 copies of a block's scores alive at once in scan_blocks (scores, signed, masked)
 
 
 def build_flat_index(store: Store) -> faiss.Index:
     """An exact inner-product index over the store's rows, added block by block."""
-    index = faiss.IndexFlatIP(int(store.attrs["width"]))
+    index = faiss_module().IndexFlatIP(int(store.attrs["width"]))
     for _, rows in store.iter_rows():
         index.add(np.ascontiguousarray(rows))
     return index
@@ -65,6 +68,7 @@ def flat_rows(index: faiss.Index) -> np.ndarray:
     n, d = int(index.ntotal), int(index.d)
     if n == 0:
         return np.zeros((0, d), dtype=np.float32)
+    faiss = faiss_module()
     flat: Any = faiss.downcast_index(index)
     rows: np.ndarray = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
     return rows
@@ -314,7 +318,7 @@ class StreamSearcher(Searcher):
     ``memory`` bounds the bytes held: half for one block of rows (its stored bytes, their decoding and
     float32 copy), half for the block's scores (``block_rows x queries``, about three float32 copies).
     Each search reads the whole store once per ``query_chunk`` queries, so its time is the store's read
-    time (a bulk batch of 20k queries under the default 256 MiB reads it a few times; raise ``memory``).
+    time (a large bulk batch under the default 256 MiB reads it several times; raise ``memory``).
     """
 
     backend = "stream"
@@ -323,7 +327,7 @@ class StreamSearcher(Searcher):
         self.store, self.width = store, int(store.attrs["width"])
         self.device = device or torch.device("cpu")
         # a row costs its stored bytes about three times over while Zarr decodes (chunk, checksum, output),
-        # plus its float32 copy: measured 11 bytes per float16 number (tracemalloc, tests/test_distributed.py)
+        # plus its float32 copy, with a byte to spare (tests/test_distributed.py bounds the peak with tracemalloc)
         per_row = self.width * (3 * np.dtype(str(store.array("grads").dtype)).itemsize + 5)
         unit = int(store.attrs["unit_rows"])  # whole chunks: a chunk is never read twice
         self.block_rows = max(unit, (memory // 2 // per_row) // unit * unit)
@@ -341,14 +345,14 @@ class StreamSearcher(Searcher):
 def make_searcher(store: Store, device: torch.device, backend: str = "auto", memory: int | None = None) -> Searcher:
     """The search backend for ``device``: ``auto`` (see the module docstring), ``torch`` (the scan, with the int8
     prefilter for ad-hoc queries on the CPU), ``full`` (the scan without it), ``faiss`` or ``stream``."""
-    if backend not in BACKENDS:
-        raise InputError(f"--search {backend!r} is unknown; choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+    SEARCHES.check(backend)
     on_gpu = device.type == "cuda"
     prefilter = (backend == "torch" or (backend == "auto" and store.num_rows >= INT8_MIN_ROWS)) and not on_gpu
     if backend == "stream" or (backend == "auto" and not _fits_in_memory(store, memory, prefilter)):
         return StreamSearcher(store, memory or 256 * 2**20, device)
-    faiss_gpu = on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if backend in ("torch", "full") or (backend == "auto" and not faiss_gpu):
+    faiss = faiss_module() if on_gpu or backend == "faiss" else None
+    faiss_gpu = faiss is not None and on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if SEARCHES[backend]["scan"] or (backend == "auto" and not faiss_gpu):
         width = int(store.attrs["width"])
         int8 = Int8Rows.empty(store.num_rows, width) if prefilter and width <= INT8_MAX_WIDTH else None
         # CPUs without fp16 GEMM: float32, as FAISS holds them; the int8 codes made while each block is in cache
@@ -360,7 +364,7 @@ def make_searcher(store: Store, device: torch.device, backend: str = "auto", mem
         return TorchSearcher(table, checkpoints, prefilter=int8 is not None, int8=int8)
     index = build_flat_index(store)
     rows = flat_rows(index)
-    if faiss_gpu:  # pragma: no cover - needs faiss-gpu and a GPU
+    if faiss_gpu and faiss is not None:  # pragma: no cover - needs faiss-gpu and a GPU
         gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
         return FaissSearcher(gpu, rows, backend="faiss-gpu")
     return FaissSearcher(index, rows)

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_text
 from .build import BuildConfig, _check_out, _create_or_resume, _finish, _guard, _Plan, _up_to_date, _write_units, make_plan
-from .errors import InputError, StoreError
+from .errors import InputError, StoreError, arg
 from .location import StorePath, Where, location
 from .locks import BuildLock
 from .model import ModelBundle
-from .store import BUILDS, Store, latest_build, write_atomic
+from .store import BUILDS, Store, latest_build
 
 __all__ = ["PREPARED", "build_shard", "finalize_build", "parse_shard", "prepare_build", "shard_units", "shard_with_plan"]
 
@@ -35,9 +36,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise InputError(f"--shard {text!r} is not i/n (e.g. 0/8 for the first of 8 shards)") from None
+        raise InputError(f"{arg('shard', text)} is not i/n (e.g. 0/8 for the first of 8 shards)") from None
     if n < 1 or not 0 <= i < n:
-        raise InputError(f"--shard {text!r}: need 0 <= i < n (shards are numbered from 0, as SLURM_ARRAY_TASK_ID)")
+        raise InputError(f"{arg('shard', text)}: need 0 <= i < n (shards are numbered from 0, as SLURM_ARRAY_TASK_ID)")
     return i, n
 
 
@@ -72,7 +73,7 @@ def prepare_build(
             return published
         with _guard(out, out):
             store, _ = _create_or_resume(out, bundle, plan, config, force, say)
-        write_atomic(out / PREPARED, store.path.name + "\n")
+        write_text(out / PREPARED, store.path.name + "\n")
         store.build_report = {"skipped": False, "resumed_units": int(store.done().sum()), "computed_units": 0,
                               "build": store.path.name}
         return store
@@ -127,7 +128,7 @@ def shard_with_plan(plan: _Plan, out: StorePath, shard: tuple[int, int], config:
                          "before the shards")
     if store.attrs.get("resume_sha256") != plan.resume_sha:
         raise InputError(f"shard {i}/{n} has other inputs or settings than the build prepared at {out} "
-                         f"({store.path.name}); run every shard with the coordinator's exact options (--device included)")
+                         f"({store.path.name}); run every shard with the coordinator's exact options ({arg('device')} included)")
     units = shard_units(int(store.attrs["num_units"]), i, n)
     done = store.done()
     missing = [u for u in units if not done[u]]

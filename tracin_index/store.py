@@ -35,7 +35,6 @@ crc32c checksum per chunk; a mismatch is reported with the array, the chunk and 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -44,12 +43,13 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, VLenUTF8Codec
 
+from .atomic import write_text
 from .errors import StoreError
 from .location import ObjectPath, StorePath, Where, location, zarr_options
 from .locks import BuildLock, ObjectLock
 
 # BuildLock and ObjectLock live in .locks, re-exported here
-__all__ = ["SCHEMA_VERSION", "BuildLock", "ObjectLock", "Store", "builds", "latest_build", "publish", "resolve", "write_atomic"]
+__all__ = ["SCHEMA_VERSION", "BuildLock", "ObjectLock", "Store", "builds", "latest_build", "publish", "resolve"]
 
 SCHEMA_VERSION = 2
 LATEST = "LATEST"
@@ -77,7 +77,7 @@ class Store:
         self.path = path
         self.group = group
         self.build_report: dict[str, Any] | None = None
-        self._arrays: dict[str, Any] = {}  # opened once: each open reads the array's metadata (about 2 ms)
+        self._arrays: dict[str, Any] = {}  # opened once: each open reads the array's metadata
 
     # ------------------------------------------------------------------ create / open
 
@@ -121,7 +121,7 @@ class Store:
             arrays[name][:] = np.asarray(labels, dtype=object)
         arrays["triples"][:] = np.asarray(triples, dtype=np.int64)  # no copy when already int64
         arrays["train_index"][:] = np.asarray(train_index, dtype=np.int64)
-        # one metadata write (``attrs.update`` rewrites zarr.json once per key: 25 writes, 0.16 s)
+        # one metadata write (``attrs.update`` rewrites zarr.json once per key)
         group.update_attributes({**attrs, "schema_version": SCHEMA_VERSION, "num_rows": n, "width": width,
                                  "unit_rows": unit_rows, "num_units": units, "status": "building"})
         store = cls(path, group)
@@ -215,10 +215,10 @@ class Store:
                   float32: bool = True) -> Iterator[tuple[int, np.ndarray]]:
         """Rows of a per-row array (the stored gradients by default) as float32 blocks ``(start, (b, width))``,
         whole chunks at a time, checksums checked; ``float32=False``: as stored (a caller that converts
-        them itself, or only checks them, skips numpy's copy: 36 ms of a UMLS build and open).
+        them itself, or only checks them, skips numpy's copy).
 
-        Default block: whole chunks up to 64 MiB of float32 rows (memory flat in N, and small: a fixed
-        65,536-row block cost 400 MB at k=1024 while Zarr decoded it).
+        Default block: whole chunks up to 64 MiB of float32 rows (memory flat in N, and small: a block's
+        decoding by Zarr takes several times its rows' bytes, so the block is sized by bytes, not rows).
         """
         size = int(self.attrs["unit_rows"])
         if block_rows is None:
@@ -279,30 +279,9 @@ def builds(home: StorePath) -> list[StorePath]:
     return sorted(found, key=lambda p: p.name)
 
 
-def write_atomic(path: StorePath, text: str) -> None:
-    if isinstance(path, ObjectPath):
-        path.write_text(text)  # one PUT: readers get the old object or the new one
-        return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def publish(home: StorePath, build: StorePath) -> None:
     """Make ``build`` (a complete build inside ``home``) the one readers open: one atomic rename (or PUT)."""
-    write_atomic(home / LATEST, build.name + "\n")
+    write_text(home / LATEST, build.name + "\n")
 
 
 def remove_build(build: StorePath) -> None:

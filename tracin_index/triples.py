@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, arg
 
 __all__ = ["PYKEEN_PREFIX", "TriplesData", "load_label_triples", "load_test_triples", "parse_triple", "parse_triples",
            "relation_ids", "suggest"]
@@ -172,7 +172,8 @@ def _triples_from_pykeen_dir(path: Path) -> TriplesData:
 
 def _triples_from_tsv(triples: Path, entity_to_id: Path | None, relation_to_id: Path | None) -> TriplesData:
     if entity_to_id is None or relation_to_id is None:
-        raise InputError("--triples needs --entity-to-id and --relation-to-id (the id maps the model was trained with)")
+        raise InputError(f"{arg('triples')} needs {arg('entity_to_id')} and {arg('relation_to_id')} (the id maps the model "
+                         "was trained with)")
     e2i = _read_id_map(Path(entity_to_id), "entity-to-id file")
     r2i = _read_id_map(Path(relation_to_id), "relation-to-id file")
     mapped = load_label_triples(Path(triples), e2i, r2i)
@@ -208,14 +209,14 @@ def load_test_triples(spec: str | os.PathLike[str], triples: TriplesData) -> tor
         name, _, split = text[len(PYKEEN_PREFIX):].partition(":")
         split = split or "testing"
         if split not in ("training", "testing", "validation"):
-            raise InputError(f"--test {text}: split {split!r} is unknown; use training, testing or validation")
+            raise InputError(f"{arg('test', text)}: split {split!r} is unknown; use training, testing or validation")
         from pykeen.datasets import dataset_resolver, get_dataset
 
         try:
             dataset_resolver.lookup(name)
         except (KeyError, ValueError):
             known = sorted(dataset_resolver.lookup_dict)
-            raise InputError(f"--test {text}: pykeen has no dataset {name!r}{suggest(name.lower(), known)}") from None
+            raise InputError(f"{arg('test', text)}: pykeen has no dataset {name!r}{suggest(name.lower(), known)}") from None
         factory = getattr(get_dataset(dataset=name), split)
         return _map_labels(factory.label_triples(factory.mapped_triples), triples, f"{name}:{split}")
     path = Path(text)
@@ -275,10 +276,10 @@ def relation_ids(relations: Sequence[str | int] | None, labels: TriplesData) -> 
         if isinstance(r, int) or (isinstance(r, str) and r not in table and r.isdigit()):
             i = int(r)
             if not 0 <= i < len(names):
-                raise InputError(f"--relation {r}: relation id out of range (0..{len(names) - 1})")
+                raise InputError(f"{arg('relations', r)}: relation id out of range (0..{len(names) - 1})")
             out.add(i)
         elif r in table:
             out.add(table[r])
         else:
-            raise InputError(f"--relation {r!r} is not a relation of this index{suggest(r, names)}")
+            raise InputError(f"{arg('relations', r)} is not a relation of this index{suggest(r, names)}")
     return tuple(sorted(out))

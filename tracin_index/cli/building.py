@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..location import StorePath
+from ..registry import LOSSES, PROJECTIONS, STRATEGIES
 from .common import (
     INDEX,
     PATH,
@@ -18,6 +19,7 @@ from .common import (
     _model_options,
     _threads_option,
     _user_errors,
+    choice,
     main,
 )
 
@@ -28,8 +30,8 @@ from .common import (
 @_model_options
 @click.option("--out", type=INDEX, required=True, help="Directory (or s3://bucket/prefix URL) of the index to create.")
 @click.option("--layers", default="last:2", show_default=True, help="last:N (forward order), all, or parameter/layer names.")
-@click.option("--loss", default="bce", show_default=True, help="Per-triple loss: bce, ce or score.")
-@click.option("--projection", default="sparse", show_default=True, help="sparse (TensorSketch), gaussian or none (exact).")
+@choice(LOSSES, "Per-triple loss.")
+@choice(PROJECTIONS, "Random projection of the gradients.")
 @click.option("--dim", type=int, default=1024, show_default=True, help="Projected dimension k per checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Projection seed.")
 @click.option("--batch-size", type=int, default=1024, show_default=True,
@@ -38,8 +40,7 @@ from .common import (
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--sample-rate", type=float, default=1.0, show_default=True,
               help="Index only this fraction of the training triples (fast exploration); the store records which.")
-@click.option("--stratify", type=click.Choice(["relation", "none"]), default="relation", show_default=True,
-              help="relation: sample each relation at --sample-rate (every relation kept); none: uniformly.")
+@choice(STRATEGIES, "How --sample-rate samples.")
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the sample.")
 @click.option("--unit-rows", type=int, default=8192, show_default=True,
               help="Rows per write unit (the unit a killed build resumes from).")

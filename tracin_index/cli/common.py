@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from ..errors import TracinError
 from ..location import StorePath, location
+from ..registry import Registry
 
 PATH = click.Path(path_type=Path)
 
@@ -47,8 +47,25 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Report :class:`TracinError` as one line on stderr with exit code 2; ``--debug`` shows the traceback."""
+# the library's argument names that the command line spells otherwise (a command may add its own)
+ALIASES = {"k": "top_k", "relations": "relation", "rerank": "no_rerank", "checkpoints": "checkpoint"}
+
+
+def flag(name: str, aliases: dict[str, str] | None = None) -> str:
+    """The running command's option for the library's argument ``name`` (``k`` -> ``--top-k``)."""
+    wanted = (aliases or {}).get(name, ALIASES.get(name, name))
+    ctx = click.get_current_context(silent=True)
+    for param in ctx.command.params if ctx is not None else []:
+        if param.name == wanted and isinstance(param, click.Option):
+            return param.opts[0]
+    return "--" + wanted.replace("_", "-")
+
+
+def _user_errors(fn: Callable[..., Any] | None = None, *, aliases: dict[str, str] | None = None) -> Any:
+    """Report :class:`TracinError` as one line on stderr with exit code 2, the arguments it names spelled as
+    this command's options; ``--debug`` shows the traceback. ``aliases``: library argument -> option name."""
+    if fn is None:
+        return lambda f: _user_errors(f, aliases=aliases)
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -58,7 +75,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except TracinError as exc:
             if debug:
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {exc.render(lambda name: flag(name, aliases))}", err=True)
             sys.exit(2)
         except OSError as exc:  # the environment, not the input: one line, exit 1 (a scheduler may retry)
             if debug:
@@ -139,7 +156,11 @@ def main() -> None:
     _quiet_libraries()
 
 
-MODE_CHOICES = ("dot", "cosine", "abs")
+def choice(registry: Registry, help: str, default: Any = ..., *decls: str, **kwargs: Any) -> Callable[..., Any]:
+    """An option whose choices, default and help come from ``registry`` (named as its argument: ``--loss``)."""
+    decls = decls or ("--" + registry.argument.replace("_", "-"),)
+    return click.option(*decls, type=click.Choice(registry.names), default=registry.default if default is ... else default,
+                        show_default=default is ..., help=f"{help} {registry.help()}.", **kwargs)
 
 
 def _test_triples(idx: Any, test: str) -> Any:
@@ -151,6 +172,8 @@ def _test_triples(idx: Any, test: str) -> Any:
 
 def _parse_indices(text: str | None, n: int) -> Any:
     """``"0,3,5-9"`` to sorted unique positions within ``0..n-1``."""
+
+    import numpy as np
 
     from ..errors import InputError
 

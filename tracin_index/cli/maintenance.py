@@ -7,7 +7,6 @@ import sys
 
 import click
 
-from ..errors import TracinError
 from ..location import StorePath
 from .common import (
     INDEX,
@@ -112,34 +111,8 @@ def finalize(index: StorePath) -> None:
 @_user_errors
 def gc(index: StorePath, keep: int, incomplete: bool, dry_run: bool) -> None:
     """Remove old builds of INDEX, keeping the newest --keep complete ones and the published one."""
-    from ..errors import InputError
-    from ..locks import BuildLock
-    from ..shards import PREPARED
-    from ..store import Store, builds, latest_build, remove_build
+    from ..retention import collect_builds
 
-    if keep < 1:
-        raise InputError(f"--keep {keep} must be at least 1")
-    if not (index / "builds").is_dir():
-        raise InputError(f"{index} is not a tracin-index index (no builds/); check the path")
-    with BuildLock(index):  # never while a builder writes
-        current = latest_build(index)
-        complete: list[StorePath] = []
-        unfinished: list[StorePath] = []
-        for b in builds(index):
-            try:
-                status = Store.open(b, complete=False).attrs.get("status")
-            except TracinError:
-                status = None
-            (complete if status == "complete" else unfinished).append(b)
-        marker = index / PREPARED
-        prepared = marker.read_text().strip() if marker.exists() else None
-        # the prepared build of a distributed run is never collected: its shards may be writing
-        doomed = [b for b in complete[:-keep] if b != current] + (
-            [b for b in unfinished if b.name != prepared] if incomplete else [])
-        for b in doomed:
-            click.echo(f"{'would remove' if dry_run else 'removing'} {b}")
-            if not dry_run:
-                remove_build(b)
-        kept = len(complete) + len(unfinished) - len(doomed)
-        click.echo(f"{len(doomed)} build(s) {'to remove' if dry_run else 'removed'}, {kept} kept "
-                   f"(published: {current.name if current else 'none'})")
+    collected = collect_builds(index, keep, incomplete=incomplete, dry_run=dry_run, log=click.echo)
+    click.echo(f"{len(collected.removed)} build(s) {'to remove' if dry_run else 'removed'}, {collected.kept} kept "
+               f"(published: {collected.published or 'none'})")

@@ -3,20 +3,16 @@ tool's option names."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import click
-import numpy as np
 
 from ..location import StorePath
+from ..registry import FORMATS, LOSSES, MODES, PROJECTIONS
 from .building import _build
 from .common import (
     INDEX,
-    MODE_CHOICES,
     PATH,
     _bar,
     _checkpoints,
@@ -25,6 +21,7 @@ from .common import (
     _test_triples,
     _threads_option,
     _user_errors,
+    choice,
     main,
 )
 
@@ -64,7 +61,9 @@ def _run_layers(use_last_layers_only: bool, num_last_layers: int | None, last_la
 @click.option("--test", "test", required=True, help="Test triples: label TSV, pykeen triples directory or pykeen:DATASET.")
 @click.option("--entity-to-id", type=PATH, default=None, help="Entity label/id TSV the model was trained with.")
 @click.option("--relation-to-id", type=PATH, default=None, help="Relation label/id TSV the model was trained with.")
-@click.option("--output", type=PATH, required=True, help="Results file: .json, .jsonl or .parquet.")
+@click.option("--output", type=PATH, required=True,
+              help="Results file; its extension picks the format: " + ", ".join(f"{e['suffix']} ({e.name})" for e in FORMATS)
+              + ".")
 @click.option("--test-indices", default=None, help="Test positions to explain (e.g. '0 3 5' or 0,3,5-9; default: all).")
 @click.option("--use-last-layers-only", is_flag=True, help="Track the last 2 layers (default: all parameters).")
 @click.option("--num-last-layers", type=int, default=None, help="Track the last N layers in forward order.")
@@ -72,22 +71,21 @@ def _run_layers(use_last_layers_only: bool, num_last_layers: int | None, last_la
 @click.option("--learning-rate", type=float, default=None, help="Learning rate the influences are scaled by (default 1).")
 @click.option("--mode", "run_mode", type=click.Choice(["single", "batch", "all", "self"]), default="single",
               show_default=True, help="single/batch/all: explain the test triples; self: rank by self-influence.")
-@click.option("--score-mode", type=click.Choice(MODE_CHOICES), default="dot", show_default=True,
-              help="dot, cosine, or abs (the earlier tool's ranking by |influence|).")
+@choice(MODES, "Influence to rank by.", ..., "--score-mode")
 @click.option("--top-k", type=int, default=10, show_default=True)
 @click.option("--model-class", default=None, help="pykeen model name when --model-path is a state dict.")
 @click.option("--model-kwargs", default=None, help="JSON keyword arguments for --model-class.")
 @click.option("--inverse-triples/--no-inverse-triples", default=None, help="With --model-class: trained with inverse triples.")
 @click.option("--checkpoints", "checkpoint_dir", type=PATH, default=None, help="A directory of checkpoints (TracInCP).")
-@click.option("--loss", default="bce", show_default=True, help="Per-triple loss: bce, ce or score.")
-@click.option("--projection", default="sparse", show_default=True, help="sparse, gaussian or none.")
+@choice(LOSSES, "Per-triple loss.")
+@choice(PROJECTIONS, "Random projection of the gradients.")
 @click.option("--dim", type=int, default=1024, show_default=True, help="Projected dimension k per checkpoint.")
 @click.option("--index", "index", type=INDEX, default=None,
               help="Keep the index here (built if missing, reused if it matches); default: a temporary one.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
 @_threads_option
-@_user_errors
+@_user_errors(aliases={"out": "output", "mode": "score_mode", "triples": "train"})
 def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | None, relation_to_id: Path | None,
         output: Path, test_indices: str | None, use_last_layers_only: bool, num_last_layers: int | None,
         last_layer_names: str | None, learning_rate: float | None, run_mode: str, score_mode: str, top_k: int,
@@ -103,20 +101,20 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
     import tempfile
     from dataclasses import asdict
 
+    import numpy as np
+
     from ..build import BuildConfig
     from ..errors import InputError
     from ..opening import open_index
     from ..projection import ProjectionSpec
-    from ..results import write_records, write_scores
+    from ..registry import format_for
+    from ..results import check_output, write_json, write_records, write_scores
     from ..runtime import configure_threads
 
     configure_threads(threads, tune_allocator=True)
     started = time.perf_counter()
-    suffix = output.suffix.lower()
-    if suffix not in (".json", ".jsonl", ".parquet"):
-        raise InputError(f"--output {output}: the extension picks the format; use .json, .jsonl or .parquet")
-    if output.exists() and not overwrite:
-        raise InputError(f"{output} already exists; pass --overwrite to replace it")
+    table = format_for(output)["table"]
+    check_output(output, overwrite, tables_only=False)
     if learning_rate is not None and checkpoint_dir is not None:
         raise InputError("give either --learning-rate (the model itself) or --checkpoints DIR, not both")
     bundle = _load(model_path, model_class, model_kwargs, inverse_triples, train, entity_to_id, relation_to_id)
@@ -137,8 +135,8 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
         if run_mode == "self":
             ranking = idx.self_influence(min(top_k, idx.num_rows))
             records = [{"kind": "self", **asdict(i)} for i in ranking]
-            if suffix == ".json":
-                _write_json(output, [asdict(i) for i in ranking])
+            if not table:
+                write_json([asdict(i) for i in ranking], output, overwrite=overwrite)
             else:
                 write_records(records, list(records[0]) if records else ["kind"], output, overwrite=overwrite)
             click.echo(f"wrote the top {len(ranking)} training triples by self-influence to {output}")
@@ -149,9 +147,10 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
             positions = np.arange(len(triples))
         settings = idx.settings(top_k, mode=score_mode)
         with _bar(len(positions), "explaining") as progress:
-            if suffix == ".json":
+            if not table:
                 results = idx.score(triples[positions], settings, progress=progress)
-                _write_json(output, [{"test_index": int(p), **r.to_dict()} for p, r in zip(positions, results, strict=True)])
+                write_json([{"test_index": int(p), **r.to_dict()} for p, r in zip(positions, results, strict=True)], output,
+                           overwrite=overwrite)
             else:
                 write_scores(idx, triples[positions], output, settings, test_index=positions, overwrite=overwrite,
                              progress=progress, log=lambda msg: click.echo(msg, err=True))
@@ -160,14 +159,3 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _write_json(path: Path, payload: Any) -> None:
-    """Write a JSON document completely or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

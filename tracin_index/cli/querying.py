@@ -11,9 +11,9 @@ from typing import Any
 import click
 
 from ..location import StorePath
+from ..registry import FORMATS, LOSSES, MODES, SEARCHES
 from .common import (
     INDEX,
-    MODE_CHOICES,
     PATH,
     _bar,
     _checkpoints,
@@ -21,8 +21,11 @@ from .common import (
     _test_triples,
     _threads_option,
     _user_errors,
+    choice,
     main,
 )
+
+TABLES = ", ".join(f"{e['suffix']} ({e.name})" for e in FORMATS if e["table"])
 
 
 def _format_items(title: str, items: list[Any], exact: bool) -> list[str]:
@@ -63,11 +66,9 @@ def _index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--checkpoint", "checkpoint", type=PATH, multiple=True, help="Checkpoints instead of the recorded ones."),
         click.option("--lr", "lr", type=float, multiple=True, help="Learning rate of the matching --checkpoint."),
         click.option("--layers", default=None, help="Refuse unless the index tracks these layers."),
-        click.option("--loss", default=None, help="Refuse unless the index used this loss."),
+        choice(LOSSES, "Refuse unless the index used this loss.", None),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda (test gradients and re-rank)."),
-        click.option("--search", "search", type=click.Choice(["auto", "torch", "full", "faiss", "stream"]), default="auto",
-                     show_default=True, help="Candidate search: stream reads the store block by block (larger than RAM); "
-                     "full: every query scans all float32 rows (no int8 prefilter for ad-hoc queries)."),
+        choice(SEARCHES, "Candidate search."),
         click.option("--memory", default=None, metavar="SIZE",
                      help="Memory the search may hold, e.g. 512MB or 4GB (auto streams when the index would not fit)."),
     ]
@@ -79,9 +80,7 @@ def _index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _ranking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--top-k", type=int, default=10, show_default=True, help="Training triples listed per end."),
-        click.option("--mode", type=click.Choice(MODE_CHOICES), default="dot", show_default=True,
-                     help="dot: raw TracIn; cosine: lr-weighted mean of cos(g_c, g'_c) over checkpoints (norms do not dominate); "
-                          "abs: largest |influence| in one list (the earlier tool's ranking)."),
+        choice(MODES, "Influence to rank by."),
         click.option("--relation", "relation", multiple=True,
                      help="Only training triples with this relation (repeatable); applied before the top-K cut."),
         click.option("--neighbourhood", "--neighborhood", "neighbourhood", is_flag=True,
@@ -153,7 +152,7 @@ def query(index: StorePath, triple: tuple[str, ...], top_k: int, mode: str, rela
 @click.argument("index", type=INDEX)
 @click.option("--test", "test", required=True,
               help="Test triples: a label TSV, a pykeen triples directory, or pykeen:DATASET[:SPLIT] (e.g. pykeen:nations).")
-@click.option("--out", type=PATH, required=True, help="Results file: .parquet or .jsonl (the extension picks).")
+@click.option("--out", type=PATH, required=True, help=f"Results file; its extension picks the format: {TABLES}.")
 @_ranking_options
 @click.option("--aggregate", is_flag=True, help="Rank training triples by influence summed over the whole test set.")
 @click.option("--test-indices", default=None, help="Score only these test positions (e.g. 0,5,10-20).")
@@ -172,13 +171,11 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relatio
     """Score a whole test set against INDEX into a results file (restartable: run it again after a kill)."""
     from ..errors import InputError
     from ..rankings import TRAIN_COLUMNS
-    from ..results import output_format, write_records, write_scores
+    from ..results import check_output, write_records, write_scores
     from ..runtime import configure_threads
 
     configure_threads(threads, tune_allocator=True)
-    output_format(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    check_output(out, overwrite)
     started = time.perf_counter()
     idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory)
     triples = _test_triples(idx, test)
@@ -209,7 +206,7 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relatio
 @click.argument("index", type=INDEX)
 @click.option("--top", type=int, default=None, help="How many to list (default: 20 shown, all written to --out).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--out", type=PATH, default=None, help="Also write the ranking (all rows unless --top) to .parquet/.jsonl.")
+@click.option("--out", type=PATH, default=None, help=f"Also write the ranking (all rows unless --top) to a file: {TABLES}.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @_user_errors
 def self_influence(index: StorePath, top: int | None, as_json: bool, out: Path | None, overwrite: bool) -> None:
@@ -217,10 +214,10 @@ def self_influence(index: StorePath, top: int | None, as_json: bool, out: Path |
     from dataclasses import asdict
 
     from ..rankings import TRAIN_COLUMNS, self_influence_ranking
-    from ..results import output_format, write_records
+    from ..results import check_output, write_records
 
     if out is not None:
-        output_format(out)
+        check_output(out, overwrite)
     ranking = self_influence_ranking(index, top)
     if out is not None:
         write_records([{"kind": "self", **asdict(i)} for i in ranking], list(TRAIN_COLUMNS), out, overwrite=overwrite)
