@@ -95,6 +95,16 @@ def test_python_errors_name_python_arguments(demo_index: Path) -> None:
     assert res.exit_code == 2 and res.output.startswith("Error: --relation friendof is not a relation of this index")
 
 
+def test_output_cut_short_by_its_reader_is_not_an_error(demo_index: Path) -> None:
+    """``tracin-index self-influence IDX | head -1``: more output than a pipe holds, its reader gone after a line."""
+    proc = subprocess.Popen([sys.executable, "-m", "tracin_index.cli", "self-influence", str(demo_index), "--top", "1592"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().strip().startswith("1  ")
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0 and proc.stderr.read() == ""
+
+
 def test_default_query_path_does_not_import_faiss(demo_index: Path) -> None:
     code = ("import sys\nfrom tracin_index import open_index\n"
             f"open_index({str(demo_index)!r}).query('brazil intergovorgs usa', k=3)\n"

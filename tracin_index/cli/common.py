@@ -4,6 +4,7 @@ checkpoint loading, error reporting, progress bars, test-set options."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -77,6 +78,9 @@ def _user_errors(fn: Callable[..., Any] | None = None, *, aliases: dict[str, str
                 raise
             click.echo(f"Error: {exc.render(lambda name: flag(name, aliases))}", err=True)
             sys.exit(2)
+        except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except OSError as exc:  # the environment, not the input: one line, exit 1 (a scheduler may retry)
             if debug:
                 raise
