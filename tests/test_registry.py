@@ -31,9 +31,9 @@ def test_docs_cli_reference_is_generated_from_the_commands() -> None:
             assert f"| `{entry.name}` | {entry.help} |" in text
     for command in main.commands:
         assert f"## `{command}`" in text
-    from tracin_index.rankings import TEST_COLUMNS, TRAIN_COLUMNS
+    from tracin_index.rankings import COLUMN_TYPES, result_columns
 
-    assert set(COLUMNS) == set(TEST_COLUMNS) | set(TRAIN_COLUMNS)
+    assert set(COLUMNS) == set(result_columns(predictions=True)) == set(COLUMN_TYPES)
 
 
 def test_no_copies_of_the_registries_names() -> None:

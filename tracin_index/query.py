@@ -9,7 +9,9 @@ candidate's gradient once per batch, only the asked products.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +36,7 @@ from .registry import MODES
 from .search import available_memory, load_rows, make_searcher
 from .store import Store
 from .tracer import Tracer
-from .triples import TriplesData, parse_triples, relation_ids
+from .triples import QUESTION, TriplesData, parse_triples, relation_ids
 
 # the result types live in .rankings and open_index in .opening (which builds on this module); both importable
 # from here as well
@@ -86,6 +88,9 @@ class TracinIndex:
         self._inv_norms = _reciprocal(store.read("norms").astype(np.float32))  # (N, C): the cosine mode's row scale
         self._acts = self._load_acts()
         self._per_test_bytes: int | None = None
+        # the trained model's own state (the tracer loads checkpoints into the same module): it ranks predictions
+        self._model_state = {k: v.detach().clone() for k, v in tracer.model.state_dict().items()}
+        self._known: dict[tuple[int, int], np.ndarray] | None = None
 
     def _load_acts(self) -> tuple[str, torch.Tensor] | None:
         """The build's activation cache (module name, ``(N, C*R*out)`` float32) when it has one and it fits
@@ -112,9 +117,10 @@ class TracinIndex:
 
     # ------------------------------------------------------------------ inputs
 
-    def parse(self, triples: Any) -> torch.Tensor:
-        """Test triples to raw ids ``(M, 3) int64`` (:func:`~tracin_index.triples.parse_triples`)."""
-        return parse_triples(triples, self.labels)
+    def parse(self, triples: Any, *, questions: bool = False) -> torch.Tensor:
+        """Test triples to raw ids ``(M, 3) int64`` (:func:`~tracin_index.triples.parse_triples`); with
+        ``questions``, ``"head relation ?"`` and ``"? relation tail"`` too (their ``?`` is ``QUESTION``)."""
+        return parse_triples(triples, self.labels, questions=questions)
 
     def relation_ids(self, relations: Sequence[str | int] | None) -> tuple[int, ...] | None:
         """Relation labels (or ids) to sorted ids (:func:`~tracin_index.triples.relation_ids`)."""
@@ -122,16 +128,21 @@ class TracinIndex:
 
     def settings(self, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
                  neighbourhood: bool = False, candidates: int | None = None,
-                 opponent_candidates: int | None = None, rerank: bool = True) -> ScoreSettings:
+                 opponent_candidates: int | None = None, rerank: bool = True, predictions: int = 1,
+                 filtered: bool = True) -> ScoreSettings:
         """Checked :class:`ScoreSettings` (labels resolved, ranges checked)."""
         MODES.check(mode)
+        num_entities = len(self.labels.entity_labels)
+        if not 1 <= predictions <= num_entities:
+            raise InputError(f"{arg('predictions', predictions)} is out of range; choose 1..{num_entities} (the entities)")
         if not 1 <= k <= self.num_rows:
             raise InputError(f"{arg('k', k)} is out of range; choose 1..{self.num_rows} (the indexed training triples)")
         for name, value in (("candidates", candidates), ("opponent_candidates", opponent_candidates)):
             if value is not None and value < 1:
                 raise InputError(f"{arg(name, value)} must be at least 1")
         return ScoreSettings(k=k, mode=mode, relations=self.relation_ids(relations), neighbourhood=neighbourhood,
-                             candidates=candidates, opponent_candidates=opponent_candidates, rerank=rerank)
+                             candidates=candidates, opponent_candidates=opponent_candidates, rerank=rerank,
+                             predictions=predictions, filtered=filtered)
 
     # ------------------------------------------------------------------ exact values
 
@@ -278,7 +289,8 @@ class TracinIndex:
 
     def query(self, triples: Any, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
               neighbourhood: bool = False, candidates: int | None = None, opponent_candidates: int | None = None,
-              rerank: bool = True, batch_size: int | None = None) -> Results:
+              rerank: bool = True, batch_size: int | None = None, versus: Any = None, predictions: int = 1,
+              filtered: bool = True) -> Results:
         """Top-``k`` proponents and opponents (or ``top`` by magnitude) of each test triple.
 
         ``triples``: what :meth:`parse` accepts. ``mode``: ``dot`` (raw TracIn), ``cosine``
@@ -287,10 +299,127 @@ class TracinIndex:
         Candidates are retrieved per end (``candidates`` / ``opponent_candidates``) and, with
         ``rerank``, scored by exact TracIn, so the listed values are exact. Returns :class:`Results`
         (a list of :class:`QueryResult`, in input order).
+
+        A test triple may be a question, ``"head relation ?"`` or ``"? relation tail"``: its top ``predictions``
+        completions by the model are explained (:meth:`explain_prediction`). ``versus``: one triple per test
+        triple (or one for all); the influences are then on the margin ``s(test) - s(versus)`` between the
+        model's scores (:meth:`contrast`).
         """
         s = self.settings(k, mode=mode, relations=relations, neighbourhood=neighbourhood, candidates=candidates,
-                          opponent_candidates=opponent_candidates, rerank=rerank)
+                          opponent_candidates=opponent_candidates, rerank=rerank, predictions=predictions,
+                          filtered=filtered)
+        if versus is not None:
+            return self.contrast(triples, versus, s)
         return self.score(triples, s, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ the model's predictions
+
+    def predict(self, question: Any, n: int = 10, *, filtered: bool = True) -> list[dict[str, Any]]:
+        """The model's top ``n`` completions of ``"head relation ?"`` (or ``"? relation tail"``), best first:
+        dicts with ``target`` (``tail`` or ``head``), ``question``, ``label``, ``id``, ``score`` (the model's
+        ``predict_t`` / ``predict_h``), ``rank`` and ``filtered``. ``filtered`` ranks the candidates without the
+        other known training triples, as PyKEEN's filtered evaluation does."""
+        q = self.parse(question, questions=True)
+        asked = (q[:, 0] == QUESTION) | (q[:, 2] == QUESTION)
+        if len(q) != 1 or not bool(asked[0]):
+            raise InputError(f"{arg('question', question)} is not one question; give 'head relation ?' or "
+                             "'? relation tail'")
+        num_entities = len(self.labels.entity_labels)
+        if not 1 <= n <= num_entities:
+            raise InputError(f"{arg('n', n)} is out of range; choose 1..{num_entities} (the entities)")
+        return self._predict(q, n, filtered)[0]
+
+    def _predict(self, questions: torch.Tensor, n: int, filtered: bool) -> list[list[dict[str, Any]]]:
+        """Top-``n`` completions of each question ``(Q, 3)`` (one ``QUESTION`` end each), by the trained model."""
+        ent, rel = self.labels.entity_labels, self.labels.relation_labels
+        out = []
+        with torch.no_grad(), self.tracer.with_state(self._model_state) as module:
+            model: Any = module
+            for h, r, t in questions.tolist():
+                target = "tail" if t == QUESTION else "head"
+                pair = torch.tensor([[h, r]] if target == "tail" else [[r, t]], device=self.tracer.device)
+                scores = (model.predict_t(pair) if target == "tail" else model.predict_h(pair))[0].float().cpu()
+                if filtered:
+                    scores[torch.from_numpy(self._known_ends(h if target == "tail" else t, r, target))] = -math.inf
+                order = torch.sort(-scores, stable=True).indices[:n]
+                order = order[torch.isfinite(scores[order])]
+                text = f"{ent[h]} {rel[r]} ?" if target == "tail" else f"? {rel[r]} {ent[t]}"
+                out.append([{"target": target, "question": text, "label": ent[i], "id": i,
+                             "score": float(scores[i]), "rank": j + 1, "filtered": filtered}
+                            for j, i in enumerate(order.tolist())])
+        return out
+
+    def _known_ends(self, entity: int, relation: int, target: str) -> np.ndarray:
+        """Entities at the asked end of the known training triples with this relation and other end."""
+        mapped = self.labels.mapped.numpy()
+        if target == "tail":
+            return mapped[(mapped[:, 0] == entity) & (mapped[:, 1] == relation), 2]
+        return mapped[(mapped[:, 2] == entity) & (mapped[:, 1] == relation), 0]
+
+    def resolve(self, test: Any, s: ScoreSettings) -> tuple[torch.Tensor, list[dict[str, Any] | None], np.ndarray]:
+        """Test triples with each question replaced by its top ``s.predictions`` completions: the triples
+        ``(M', 3)``, each one's prediction (None for a given triple) and the position of its line in ``test``."""
+        t = self.parse(test, questions=True)
+        asked = ((t[:, 0] == QUESTION) | (t[:, 2] == QUESTION)).numpy()
+        if not asked.any():
+            return t, [None] * len(t), np.arange(len(t))
+        answers = iter(self._predict(t[torch.from_numpy(asked)], s.predictions, s.filtered))
+        rows: list[tuple[int, int, int]] = []
+        info: list[dict[str, Any] | None] = []
+        origin: list[int] = []
+        for m, (h, r, tail) in enumerate(t.tolist()):
+            if not asked[m]:
+                rows.append((h, r, tail))
+                info.append(None)
+                origin.append(m)
+                continue
+            for p in next(answers):
+                rows.append((p["id"], r, tail) if p["target"] == "head" else (h, r, p["id"]))
+                info.append(p)
+                origin.append(m)
+        return torch.tensor(rows, dtype=torch.long).reshape(-1, 3), info, np.asarray(origin, dtype=np.int64)
+
+    def explain_prediction(self, question: Any, *, predictions: int = 1, k: int = 10, filtered: bool = True,
+                           mode: str = "dot", **options: Any) -> Results:
+        """The model's top ``predictions`` completions of ``"head relation ?"`` (or ``"? relation tail"``, or a
+        list of questions), each explained like a full triple: proponents and opponents, with ``prediction``
+        (its label, score and rank) on each result. ``options``: :meth:`query`'s other keywords."""
+        if not bool(((self.parse(question, questions=True)[:, [0, 2]]) == QUESTION).any(1).all()):
+            raise InputError(f"{arg('question', question)} is not a question; put ? as its head or its tail")
+        return self.query(question, k, mode=mode, predictions=predictions, filtered=filtered, **options)
+
+    # ------------------------------------------------------------------ contrastive questions
+
+    def contrast(self, triples: Any, versus: Any, s: ScoreSettings) -> Results:
+        """Which training triples make the model prefer each test triple over its ``versus`` triple.
+
+        The test side's loss is ``-(s(test) - s(versus))``, the negated margin between the model's scores
+        (summed over both directions for a model trained with inverse triples), so a training triple's
+        influence is how much training on it widened the margin: proponents widen it, opponents narrow
+        it. The re-rank is exact: each candidate's influence on both scores, subtracted.
+        """
+        if s.mode == "cosine":
+            raise InputError(f"{arg('mode', 'cosine')} has no contrastive form; use {arg('mode', 'dot')} with versus")
+        t, alt = self.parse(triples), self.parse(versus)
+        if len(alt) == 1 and len(t) > 1:
+            alt = alt.expand(len(t), 3)
+        if len(alt) != len(t):
+            raise InputError(f"{arg('versus')} holds {len(alt)} triples for {len(t)} test triples; give one per test "
+                             "triple or one for all")
+        m = len(t)
+        with torch.no_grad(), self.tracer.test_loss("score"):
+            r = self.tracer.rows(torch.cat([t, alt]), keep_blocks=s.rerank)
+        rows = r.rows.cpu().numpy().astype(np.float32)
+        ps, pi, os_, oi = self._retrieve(rows[:m] - rows[m:], s, self._mask(t, s), None)
+        if s.rerank:
+            with torch.no_grad():
+                pv, ov = self._rerank(r.blocks, np.concatenate([pi, pi]), np.concatenate([oi, oi]), None, None)
+            pv, ov = pv[:m] - pv[m:], ov[:m] - ov[m:]
+        else:
+            pv, ov = ps, os_
+        ent, rel = self.labels.entity_labels, self.labels.relation_labels
+        return Results(replace(res, versus={"head": ent[h], "relation": rel[r_], "tail": ent[t_]})
+                       for res, (h, r_, t_) in zip(self._results(t, s, pi, pv, oi, ov), alt.tolist(), strict=True))
 
     def bulk_batch_size(self, n_tests: int, settings: ScoreSettings | None = None, memory: int = BULK_MEMORY,
                         *, requested: int | None = None) -> int:
@@ -326,13 +455,13 @@ class TracinIndex:
         kill, use :func:`tracin_index.write_scores`.
         """
         s = settings or self.settings(**kwargs)
-        t = self.parse(test)
+        t, answers, origin = self.resolve(test, s)
         out = Results()
         for batch in self.iter_batches(t, s, batch_size=batch_size, progress=progress):
             out.extend(batch)
             if progress is not None:
                 progress(len(out), len(t))
-        return out
+        return with_predictions(out, answers, origin)
 
     def iter_batches(self, test: torch.Tensor, s: ScoreSettings, *, batch_size: int | None = None, start: int = 0,
                      progress: Progress | None = None) -> Iterator[Results]:
@@ -361,7 +490,7 @@ class TracinIndex:
         """
         s = self.settings(k, mode=mode, relations=relations, candidates=candidates,
                           opponent_candidates=opponent_candidates, rerank=rerank)
-        t = self.parse(test)
+        t = self.resolve(test, s)[0]
         total = np.zeros(self.searcher.width, dtype=np.float64)
         passes = 2 if rerank else 1
         for b0 in range(0, len(t), batch_size):
@@ -403,6 +532,15 @@ class TracinIndex:
         ``top``: how many (None = all). Ties are broken by training position.
         """
         return self_influence_ranking(self.store, top)
+
+
+def with_predictions(results: Results, answers: list[dict[str, Any] | None], origin: np.ndarray | None = None) -> Results:
+    """``results`` with each one's prediction (from :meth:`TracinIndex.resolve`) attached, and with ``origin``
+    their positions in the input."""
+    out = Results(r if p is None else replace(r, prediction=p) for r, p in zip(results, answers, strict=True))
+    if origin is not None and any(p is not None for p in answers):
+        out.positions = [int(i) for i in origin]
+    return out
 
 
 def __getattr__(name: str) -> object:

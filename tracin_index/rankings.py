@@ -21,8 +21,8 @@ from .store import Store
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["MODES", "TEST_COLUMNS", "TRAIN_COLUMNS", "AggregateResult", "Influence", "QueryResult", "Ranking", "Results",
-           "ScoreSettings", "default_candidates", "self_influence_ranking"]
+__all__ = ["COLUMN_TYPES", "MODES", "PREDICTION_COLUMNS", "TEST_COLUMNS", "TRAIN_COLUMNS", "AggregateResult", "Influence",
+           "QueryResult", "Ranking", "Results", "ScoreSettings", "default_candidates", "result_columns", "self_influence_ranking"]
 
 
 
@@ -53,6 +53,43 @@ TRAIN_COLUMNS = ("kind", "rank", "train_index", "head", "relation", "tail", "hea
                  "influence")
 TEST_COLUMNS = ("test_index", "test_head", "test_relation", "test_tail", "test_head_id", "test_relation_id",
                 "test_tail_id", "mode")
+PREDICTION_COLUMNS = ("question", "prediction_score", "prediction_rank")
+# each column's type in a result table (Parquet's schema)
+COLUMN_TYPES = {c: "string" for c in ("test_head", "test_relation", "test_tail", "mode", "question", "kind", "head",
+                                        "relation", "tail")}
+COLUMN_TYPES.update({c: "float64" for c in ("prediction_score", "influence")})
+COLUMN_TYPES.update({c: "int64" for c in (*TEST_COLUMNS, *PREDICTION_COLUMNS, *TRAIN_COLUMNS) if c not in COLUMN_TYPES})
+
+
+def result_columns(predictions: bool = False) -> tuple[str, ...]:
+    """The columns of a result table; a test set with questions adds which question each prediction answers."""
+    return TEST_COLUMNS + (PREDICTION_COLUMNS if predictions else ()) + TRAIN_COLUMNS
+
+
+def _html(results: list[QueryResult]) -> str:
+    """Results as an HTML table (Jupyter shows it): one block of rows per test triple, its lists under it."""
+    from html import escape
+
+    rows = []
+    for res in results:
+        t = res.test
+        title = " ".join(escape(str(t[k])) for k in ("head", "relation", "tail"))
+        if res.prediction is not None:
+            p = res.prediction
+            title += (f" <small>(prediction {p['rank']} for {escape(str(p['question']))}, score "
+                      f"{float(p['score']):.4g})</small>")
+        if res.versus is not None:
+            title += " <small>over " + " ".join(escape(str(res.versus[k])) for k in ("head", "relation", "tail")) + "</small>"
+        rows.append(f'<tr><th colspan="6" style="text-align:left">{title} <small>[{escape(res.mode)}'
+                    f'{"" if res.exact else ", projected"}]</small></th></tr>')
+        for kind, items in _lists(res):
+            for i in items:
+                colour = "#1a7f37" if i.influence > 0 else "#cf222e"
+                rows.append(f"<tr><td>{escape(kind)}</td><td>{i.rank}</td><td>{escape(i.head)}</td>"
+                            f"<td>{escape(i.relation)}</td><td>{escape(i.tail)}</td>"
+                            f'<td style="color:{colour};text-align:right">{i.influence:+.6g}</td></tr>')
+    head = "<tr><th>list</th><th>rank</th><th>head</th><th>relation</th><th>tail</th><th>influence</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
 
 
 def _lists(result: QueryResult | AggregateResult) -> list[tuple[str, list[Influence]]]:
@@ -85,30 +122,53 @@ class QueryResult:
     opponents: list[Influence] = field(default_factory=list)
     top: list[Influence] = field(default_factory=list)
     exact: bool = True
+    # the model's prediction this triple is (question, target, label, id, score, rank, filtered), if it is one
+    prediction: dict[str, Any] | None = None
+    # the triple the test triple is preferred over: the influences are on the margin between their scores
+    versus: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"test": self.test, "mode": self.mode, **_lists_dict(self)}
+        out: dict[str, Any] = {"test": self.test, "mode": self.mode}
+        if self.prediction is not None:
+            out["prediction"] = self.prediction
+        if self.versus is not None:
+            out["versus"] = self.versus
+        return {**out, **_lists_dict(self)}
 
     def records(self, test_index: int = 0) -> list[dict[str, Any]]:
-        """One flat row per (kind, rank): the bulk output schema (see the README)."""
+        """One flat row per (kind, rank): the bulk output schema (``docs/cli.md``)."""
         h, r, t = self.test_ids
         test = {"test_index": test_index, "test_head": self.test["head"], "test_relation": self.test["relation"],
                 "test_tail": self.test["tail"], "test_head_id": h, "test_relation_id": r, "test_tail_id": t,
                 "mode": self.mode}
+        p = self.prediction or {}
+        test.update(question=p.get("question"), prediction_score=p.get("score"), prediction_rank=p.get("rank"))
         return [{**test, **_train_record(kind, i)} for kind, items in _lists(self) for i in items]
 
     def to_frame(self) -> pd.DataFrame:
         return Results([self]).to_frame()
 
+    def _repr_html_(self) -> str:
+        return _html([self])
+
 
 class Results(list[QueryResult]):
-    """Results of several test triples, in input order; ``to_frame()`` gives the bulk output schema."""
+    """Results of several test triples, in input order; ``to_frame()`` gives the bulk output schema.
+
+    ``positions``: each result's position in the input (a question's predictions share their question's);
+    None means ``0, 1, 2, ...``."""
+
+    positions: list[int] | None = None
 
     def to_frame(self) -> pd.DataFrame:
         import pandas as pd
 
-        rows = [rec for m, res in enumerate(self) for rec in res.records(m)]
-        return pd.DataFrame(rows, columns=list(TEST_COLUMNS + TRAIN_COLUMNS))
+        positions = self.positions if self.positions is not None else range(len(self))
+        rows = [rec for m, res in zip(positions, self, strict=True) for rec in res.records(m)]
+        return pd.DataFrame(rows, columns=list(result_columns(any(r.prediction is not None for r in self))))
+
+    def _repr_html_(self) -> str:
+        return _html(self)
 
 
 @dataclass(frozen=True)
@@ -133,6 +193,9 @@ class AggregateResult:
 
         return pd.DataFrame(self.records(), columns=["mode", *TRAIN_COLUMNS])
 
+    def _repr_html_(self) -> str:
+        return str(self.to_frame().to_html(index=False))
+
 
 class Ranking(list[Influence]):
     """A ranked list of training triples (e.g. by self-influence); ``to_frame()`` gives a DataFrame."""
@@ -141,6 +204,9 @@ class Ranking(list[Influence]):
         import pandas as pd
 
         return pd.DataFrame([asdict(i) for i in self], columns=list(TRAIN_COLUMNS[1:]))
+
+    def _repr_html_(self) -> str:
+        return str(self.to_frame().to_html(index=False))
 
 
 @dataclass(frozen=True)
@@ -160,6 +226,8 @@ class ScoreSettings:
     candidates: int | None = None
     opponent_candidates: int | None = None
     rerank: bool = True
+    predictions: int = 1  # completions explained per question ("head relation ?")
+    filtered: bool = True  # questions rank completions without the other known training triples
 
     def per_end(self) -> tuple[int, int]:
         dp, do = default_candidates(self.k)

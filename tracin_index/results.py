@@ -22,13 +22,13 @@ import torch
 from .atomic import replacing
 from .errors import InputError, StoreError, arg
 from .model import triples_fingerprint
-from .query import TEST_COLUMNS, TRAIN_COLUMNS, ScoreSettings, TracinIndex
+from .query import ScoreSettings, TracinIndex, with_predictions
+from .rankings import COLUMN_TYPES, result_columns
 from .registry import FORMATS, format_for
 
 __all__ = ["JSONL", "PARQUET", "check_output", "output_format", "write_json", "write_records", "write_scores"]
 
 MANIFEST = "manifest.json"
-_STR = {"test_head", "test_relation", "test_tail", "mode", "kind", "head", "relation", "tail"}
 
 
 def output_format(path: str | os.PathLike[str]) -> str:
@@ -40,7 +40,7 @@ def _schema(columns: list[str]) -> Any:
     import pyarrow as pa
 
     def typ(c: str) -> Any:
-        return pa.string() if c in _STR else pa.float64() if c == "influence" else pa.int64()
+        return getattr(pa, COLUMN_TYPES[c])()
 
     return pa.schema([(c, typ(c)) for c in columns])
 
@@ -148,8 +148,8 @@ def write_scores(
     """
     out = Path(out)
     fmt = check_output(out, overwrite)
-    triples = index.parse(test)
-    positions = np.arange(len(triples)) if test_index is None else np.asarray(test_index, dtype=np.int64)
+    triples, answers, origin = index.resolve(test, settings)  # a question becomes its predicted triples
+    positions = origin if test_index is None else np.asarray(test_index, dtype=np.int64)[origin]
     batch_size = index.bulk_batch_size(len(triples), settings, requested=batch_size)
     manifest = {
         "schema": 1, "format": fmt, "batch_size": batch_size, "settings": settings.to_dict(),
@@ -172,7 +172,7 @@ def write_scores(
         staging.mkdir(parents=True)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(staging, parts_dir)
-    columns = list(TEST_COLUMNS + TRAIN_COLUMNS)
+    columns = list(result_columns(any(a is not None for a in answers)))
     ext = out.suffix.lower()
     n_batches = (len(triples) + batch_size - 1) // batch_size
     paths = [parts_dir / f"part-{b:06d}{ext}" for b in range(n_batches)]
@@ -191,7 +191,8 @@ def write_scores(
             progress(before + int(n * fraction), len(triples))
 
         with torch.no_grad():
-            results = index.score_batch(triples[lo:hi], settings, within if progress is not None else None)
+            results = with_predictions(index.score_batch(triples[lo:hi], settings, within if progress is not None else None),
+                                       answers[lo:hi])
         records = [rec for m, res in enumerate(results) for rec in res.records(int(positions[lo + m]))]
         _write_part(records, columns, path, fmt)
         done += hi - lo

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .engine import Engine, Pass, describe_parameters
 from .errors import InputError, arg
@@ -109,6 +111,29 @@ class Tracer:
     @property
     def width(self) -> int:
         return self.projector.out_dim * len(self.checkpoints)
+
+    @contextmanager
+    def test_loss(self, name: str) -> Iterator[None]:
+        """Inside the block, gradients are of the registered loss ``name`` (a question's test side, such as
+        the score margin of a contrastive question); the index's own loss is back afterwards."""
+        saved = self.engine.loss
+        self.engine.loss = get_loss(name)
+        try:
+            yield
+        finally:
+            self.engine.loss = saved
+
+    @contextmanager
+    def with_state(self, state: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+        """The model in eval mode holding ``state`` (e.g. the trained model's own, to rank its predictions);
+        the next gradient run loads its checkpoint again."""
+        self.model.load_state_dict(state)
+        self.model.eval()
+        self._loaded = None
+        try:
+            yield self.model
+        finally:
+            self._loaded = None
 
     def use_checkpoint(self, c: int) -> None:
         if self._loaded != c:

@@ -22,8 +22,10 @@ import torch
 
 from .errors import InputError, arg
 
-__all__ = ["PYKEEN_PREFIX", "TriplesData", "load_label_triples", "load_test_triples", "parse_triple", "parse_triples",
+__all__ = ["QUESTION", "PYKEEN_PREFIX", "TriplesData", "load_label_triples", "load_test_triples", "parse_triple", "parse_triples",
            "relation_ids", "suggest"]
+
+QUESTION = -1  # the id of the "?" end of a question about the model's predictions
 
 PYKEEN_PREFIX = "pykeen:"
 
@@ -111,8 +113,10 @@ def suggest(label: str, known: list[str]) -> str:
     return f" (closest known: {', '.join(close)})" if close else ""
 
 
-def load_label_triples(path: Path, entity_to_id: dict[str, int], relation_to_id: dict[str, int]) -> torch.Tensor:
-    """Read a ``head<TAB>relation<TAB>tail`` label file into ``(N, 3) int64`` raw ids."""
+def load_label_triples(path: Path, entity_to_id: dict[str, int], relation_to_id: dict[str, int], *,
+                       questions: bool = False) -> torch.Tensor:
+    """Read a ``head<TAB>relation<TAB>tail`` label file into ``(N, 3) int64`` raw ids; with ``questions``, a
+    ``?`` as the head or the tail is a question about the model's predictions (id :data:`QUESTION`)."""
     rows = _read_tsv_rows(path, "triples file")
     out = []
     known_e, known_r = list(entity_to_id), list(relation_to_id)
@@ -125,19 +129,26 @@ def load_label_triples(path: Path, entity_to_id: dict[str, int], relation_to_id:
                 f"found {len(row)}"
             )
         h, r, t = row
+        _check_question(h, t, questions, f"triples file {path} line {lineno}")
         for label, table, known, kind in ((h, entity_to_id, known_e, "entity"), (t, entity_to_id, known_e, "entity")):
-            if label not in table:
+            if label not in table and not (questions and label == "?"):
                 raise InputError(f"triples file {path} line {lineno}: unknown {kind} {label!r}{suggest(label, known)}")
         if r not in relation_to_id:
             raise InputError(f"triples file {path} line {lineno}: unknown relation {r!r}{suggest(r, known_r)}")
-        out.append((entity_to_id[h], relation_to_id[r], entity_to_id[t]))
+        out.append((entity_to_id.get(h, QUESTION), relation_to_id[r], entity_to_id.get(t, QUESTION)))
     if not out:
         raise InputError(f"triples file {path} holds no triples")
     return torch.tensor(out, dtype=torch.long)
 
 
-def parse_triple(text: str, triples: TriplesData) -> tuple[int, int, int]:
-    """Map ``"head relation tail"`` (tab- or whitespace-separated labels) to raw ids."""
+def _check_question(h: str, t: str, questions: bool, where: str) -> None:
+    if questions and h == "?" and t == "?":
+        raise InputError(f"{where}: ask about the head or the tail, not both ('? relation tail' or 'head relation ?')")
+
+
+def parse_triple(text: str, triples: TriplesData, *, questions: bool = False) -> tuple[int, int, int]:
+    """Map ``"head relation tail"`` (tab- or whitespace-separated labels) to raw ids; with ``questions``, a ``?``
+    head or tail becomes :data:`QUESTION`."""
     parts = text.split("\t") if "\t" in text else text.split()
     if len(parts) != 3:
         raise InputError(
@@ -145,11 +156,12 @@ def parse_triple(text: str, triples: TriplesData) -> tuple[int, int, int]:
             "(separate by tabs when labels contain spaces)"
         )
     h, r, t = (p.strip() for p in parts)
+    _check_question(h, t, questions, f"triple {text!r}")
     e2i, r2i = triples.entity_to_id, triples.relation_to_id
     for label, table, kind in ((h, e2i, "entity"), (r, r2i, "relation"), (t, e2i, "entity")):
-        if label not in table:
+        if label not in table and not (questions and kind == "entity" and label == "?"):
             raise InputError(f"unknown {kind} {label!r} in triple {text!r}{suggest(label, list(table))}")
-    return e2i[h], r2i[r], e2i[t]
+    return e2i.get(h, QUESTION), r2i[r], e2i.get(t, QUESTION)
 
 
 
@@ -194,7 +206,7 @@ def _map_labels(label_triples: np.ndarray, triples: TriplesData, what: str) -> t
     return torch.from_numpy(out)
 
 
-def load_test_triples(spec: str | os.PathLike[str], triples: TriplesData) -> torch.Tensor:
+def load_test_triples(spec: str | os.PathLike[str], triples: TriplesData, *, questions: bool = False) -> torch.Tensor:
     """Test triples as raw ids ``(M, 3) int64`` of the indexed model, from any of:
 
     - a label TSV file (``head<TAB>relation<TAB>tail``, one triple per line);
@@ -228,22 +240,24 @@ def load_test_triples(spec: str | os.PathLike[str], triples: TriplesData) -> tor
         except Exception as exc:
             raise InputError(f"test triples directory {path} could not be read by pykeen: {exc}") from exc
         return _map_labels(factory.label_triples(factory.mapped_triples), triples, str(path))
-    return load_label_triples(path, triples.entity_to_id, triples.relation_to_id)
+    return load_label_triples(path, triples.entity_to_id, triples.relation_to_id, questions=questions)
 
 
 # ---------------------------------------------------------------------------------------------- query input
 
 
-def parse_triples(triples: Any, labels: TriplesData) -> torch.Tensor:
+def parse_triples(triples: Any, labels: TriplesData, *, questions: bool = False) -> torch.Tensor:
     """Test triples to raw ids ``(M, 3) int64`` of the tables in ``labels``.
 
     Accepts ``"head relation tail"`` label strings (one or a list), raw id tuples, an ``(M, 3)``
     tensor or array, a label TSV path, a pykeen triples directory, or ``"pykeen:DATASET[:SPLIT]"``.
+    With ``questions``, ``"head relation ?"`` and ``"? relation tail"`` (or :data:`QUESTION` as an id) ask
+    about the model's predictions; their unknown end is :data:`QUESTION` in the result.
     """
     if isinstance(triples, os.PathLike) or (
         isinstance(triples, str) and (triples.startswith(PYKEEN_PREFIX) or (os.path.exists(triples) and "\t" not in triples))
     ):
-        return load_test_triples(triples, labels)
+        return load_test_triples(triples, labels, questions=questions)
     if isinstance(triples, np.ndarray):
         triples = torch.from_numpy(triples)
     if isinstance(triples, torch.Tensor):
@@ -254,13 +268,15 @@ def parse_triples(triples: Any, labels: TriplesData) -> torch.Tensor:
         rows = []
         for item in [triples] if single else list(triples):
             if isinstance(item, str):
-                rows.append(parse_triple(item, labels))
+                rows.append(parse_triple(item, labels, questions=questions))
             else:
                 h, r, t = (int(x) for x in item)
                 rows.append((h, r, t))
         out = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
     num_e, num_r = len(labels.entity_labels), len(labels.relation_labels)
-    bad = (out < 0).any(1) | (out[:, 0] >= num_e) | (out[:, 2] >= num_e) | (out[:, 1] >= num_r)
+    asked = (out[:, 0] == QUESTION) ^ (out[:, 2] == QUESTION) if questions else torch.zeros(len(out), dtype=torch.bool)
+    ends = out[:, [0, 2]]
+    bad = (((ends < 0) & ~asked[:, None]) | (ends >= num_e)).any(1) | (out[:, 1] < 0) | (out[:, 1] >= num_r)
     if bool(bad.any()):
         raise InputError(f"triple ids {out[bad][0].tolist()} are out of range ({num_e} entities, {num_r} relations)")
     return out

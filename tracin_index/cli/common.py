@@ -168,10 +168,11 @@ def choice(registry: Registry, help: str, default: Any = ..., *decls: str, **kwa
 
 
 def _test_triples(idx: Any, test: str) -> Any:
-    """``--test``: ``pykeen:DATASET[:SPLIT]``, else a path (a missing file is reported as such)."""
+    """``--test``: ``pykeen:DATASET[:SPLIT]``, else a path (a missing file is reported as such); a line may be
+    a question (``head relation ?``)."""
     from ..triples import PYKEEN_PREFIX
 
-    return idx.parse(test if test.startswith(PYKEEN_PREFIX) else Path(test))
+    return idx.parse(test if test.startswith(PYKEEN_PREFIX) else Path(test), questions=True)
 
 
 def _parse_indices(text: str | None, n: int) -> Any:

@@ -52,7 +52,15 @@ def _format_lists(header: str, result: Any) -> str:
 
 def _format_table(result: Any) -> str:
     t = result.test
-    return _format_lists(f"test: {t['head']}  {t['relation']}  {t['tail']}", result)
+    header = f"test: {t['head']}  {t['relation']}  {t['tail']}"
+    if result.prediction is not None:
+        p = result.prediction
+        header += (f"  (prediction {p['rank']} of {p['question']!r}, score {p['score']:.6g}"
+                   f"{'' if p['filtered'] else ', unfiltered'})")
+    if result.versus is not None:
+        v = result.versus
+        header += f"  versus {v['head']}  {v['relation']}  {v['tail']}  (influence on the score margin)"
+    return _format_lists(header, result)
 
 
 def _format_aggregate(result: Any) -> str:
@@ -89,6 +97,12 @@ def _ranking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Candidates re-ranked exactly per end (default: 10k and 50k, at least 100 and 500)."),
         click.option("--opponent-candidates", type=int, default=None, help="Candidates for the opponent end only."),
         click.option("--no-rerank", is_flag=True, help="Report projected influences without the exact re-rank."),
+        click.option("--predictions", type=int, default=1, show_default=True,
+                     help="For a question ('head relation ?' or '? relation tail'): how many of the model's top "
+                          "completions to explain."),
+        click.option("--unfiltered", is_flag=True,
+                     help="Rank a question's completions with the other known training triples kept (default: "
+                          "filtered out, as PyKEEN's filtered evaluation does)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -124,14 +138,20 @@ def _open(index: StorePath, model: Path | None, checkpoint: tuple[Path, ...], lr
 
 @main.command()
 @click.argument("index", type=INDEX)
-@click.option("--triple", "triple", multiple=True, required=True, help='"head relation tail" labels (repeatable).')
+@click.option("--triple", "triple", multiple=True, required=True,
+              help='"head relation tail" labels (repeatable); "head relation ?" or "? relation tail" explains the '
+                   "model's top predictions.")
+@click.option("--versus", "versus", multiple=True,
+              help='"head relation tail2": which training triples make the model prefer --triple over this one '
+                   "(influence on the margin between their scores; one per --triple, or one for all).")
 @_ranking_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_index_options
 @_threads_option
 @_user_errors
-def query(index: StorePath, triple: tuple[str, ...], top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
-          candidates: int | None, opponent_candidates: int | None, no_rerank: bool, as_json: bool, model: Path | None,
+def query(index: StorePath, triple: tuple[str, ...], versus: tuple[str, ...], top_k: int, mode: str, relation: tuple[str, ...],
+          neighbourhood: bool, candidates: int | None, opponent_candidates: int | None, no_rerank: bool, predictions: int,
+          unfiltered: bool, as_json: bool, model: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None, loss: str | None, device: str,
           search: str, memory: str | None, threads: int | None) -> None:
     """Top proponents and opponents of test triples in INDEX."""
@@ -140,7 +160,8 @@ def query(index: StorePath, triple: tuple[str, ...], top_k: int, mode: str, rela
     configure_threads(threads, tune_allocator=True)
     idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory)
     results = idx.query(list(triple), k=top_k, mode=mode, relations=list(relation) or None, neighbourhood=neighbourhood,
-                        candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank)
+                        candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank,
+                        versus=list(versus) or None, predictions=predictions, filtered=not unfiltered)
     if as_json:
         payload = [r.to_dict() for r in results]
         click.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
@@ -164,7 +185,8 @@ def query(index: StorePath, triple: tuple[str, ...], top_k: int, mode: str, rela
 @_threads_option
 @_user_errors
 def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
-          candidates: int | None, opponent_candidates: int | None, no_rerank: bool, aggregate: bool,
+          candidates: int | None, opponent_candidates: int | None, no_rerank: bool, predictions: int, unfiltered: bool,
+          aggregate: bool,
           test_indices: str | None, batch_size: int | None, overwrite: bool, model: Path | None, checkpoint: tuple[Path, ...],
           lr: tuple[float, ...], layers: str | None, loss: str | None, device: str, search: str, memory: str | None,
           threads: int | None) -> None:
@@ -195,8 +217,9 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relatio
                    f"({time.perf_counter() - started:.1f} s)")
         return
     settings = idx.settings(top_k, mode=mode, relations=list(relation) or None, neighbourhood=neighbourhood,
-                            candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank)
-    with _bar(len(triples), "scoring") as progress:
+                            candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank,
+                            predictions=predictions, filtered=not unfiltered)
+    with _bar(0, "scoring") as progress:  # its length from write_scores: questions expand to their predictions
         write_scores(idx, triples, out, settings, batch_size=batch_size, test_index=positions, overwrite=overwrite,
                      progress=progress, log=lambda msg: click.echo(msg, err=True))
     click.echo(f"scored {len(triples):,} test triples into {out} ({time.perf_counter() - started:.1f} s)")

@@ -25,6 +25,9 @@ COLUMNS = {
     "test_relation_id": "test triple's relation id",
     "test_tail_id": "test triple's tail id",
     "mode": "scoring mode (dot, cosine or abs)",
+    "question": "with a test file of questions (a ? head or tail): the question this predicted triple answers",
+    "prediction_score": "the model's score of the predicted triple (predict_t / predict_h)",
+    "prediction_rank": "its rank among the question's completions (filtered unless --unfiltered)",
     "kind": "list the row belongs to: proponent, opponent, top (abs mode) or self (self-influence)",
     "rank": "1-based rank within its list",
     "train_index": "position of the training triple in the model's training triples",
@@ -37,7 +40,7 @@ COLUMNS = {
     "influence": "TracIn influence (exact after the re-rank; projected with --no-rerank)",
 }
 
-COMMANDS = ("build", "query", "score", "self-influence", "run", "info", "verify", "finalize", "gc")
+COMMANDS = ("build", "query", "score", "self-influence", "run", "serve", "info", "verify", "finalize", "gc")
 
 
 def _anchor(text: str) -> str:
@@ -90,7 +93,7 @@ def _registry(registry: Registry) -> list[str]:
 
 def reference() -> str:
     """The Markdown text of ``docs/cli.md``."""
-    from ..rankings import TEST_COLUMNS, TRAIN_COLUMNS
+    from ..rankings import COLUMN_TYPES, result_columns
 
     lines = ["# Command-line reference", "",
              "<!-- written by `python -m tracin_index.cli.reference > docs/cli.md`; edit the commands' help, not this "
@@ -111,13 +114,13 @@ def reference() -> str:
         lines += _registry(registry)
     lines += ["## Output schemas", "",
               "### Result tables (`score --out`, `run --output`: .parquet or .jsonl)", "",
-              "One row per (test triple, list, rank). `score --aggregate` writes `mode` and the training columns; "
+              "One row per (test triple, list, rank). The three prediction columns are there when the test set holds "
+              "questions (`head relation ?`); their values are empty for its full triples. `score --aggregate` "
+              "writes `mode` and the training columns; "
               "`self-influence --out` writes `kind` (`self`) and the training columns.", "",
               "| column | type | meaning |", "|---|---|---|"]
-    for column in (*TEST_COLUMNS, *TRAIN_COLUMNS):
-        typ = "string" if column in ("test_head", "test_relation", "test_tail", "mode", "kind", "head", "relation",
-                                     "tail") else "float64" if column == "influence" else "int64"
-        lines.append(f"| `{column}` | {typ} | {COLUMNS[column]} |")
+    for column in result_columns(predictions=True):
+        lines.append(f"| `{column}` | {COLUMN_TYPES[column]} | {COLUMNS[column]} |")
     lines += ["", "### JSON (`query --json`, `run --output FILE.json`)", "",
               "One object per test triple (`query --json` with one `--triple` prints the object itself):", "",
               "```json",
