@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck bench clean
+.PHONY: setup demo test lint typecheck browser bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy tracin_index benchmarks pipelines
 
-test: lint typecheck
+# headless Chromium for tests/test_explorer.py: Debian's packages, installed when missing and run as root (as CI does);
+# otherwise a hint (the browser tests skip without it, except in CI, where they fail)
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "browser tests need chromium: sudo apt-get install chromium chromium-driver (they skip without it)"; fi
+
+test: lint typecheck browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -2,13 +2,13 @@
 
 :func:`main` is the click group (console script ``tracin_index.cli:main``); the commands register on it
 from their modules: :mod:`.building` (build), :mod:`.querying` (query, score, self-influence),
-:mod:`.oneshot` (run) and :mod:`.maintenance` (info, verify, finalize, gc).
+:mod:`.oneshot` (run), :mod:`.maintenance` (info, verify, finalize, gc) and :mod:`.serving` (serve).
 """
 
 from __future__ import annotations
 
-from . import building, maintenance, oneshot, querying
+from . import building, maintenance, oneshot, querying, serving
 from .common import main
 from .querying import parse_size
 
-__all__ = ["building", "main", "maintenance", "oneshot", "parse_size", "querying"]
+__all__ = ["building", "main", "maintenance", "oneshot", "parse_size", "querying", "serving"]
