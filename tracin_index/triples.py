@@ -109,7 +109,12 @@ def _labels_from_map(mapping: Mapping[str, int]) -> list[str]:
 
 
 def suggest(label: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(label, known, n=3)
+    """`` (closest known: a, b, c)`` for an unknown label: a match ignoring case first, then the most similar
+    labels (a looser similarity when nothing is close and the table is small enough to search it)."""
+    folded = [k for k in known if k.casefold() == label.casefold()]
+    close = folded or difflib.get_close_matches(label, known, n=3)
+    if not close and len(known) <= 100_000:
+        close = difflib.get_close_matches(label, known, n=3, cutoff=0.3)
     return f" (closest known: {', '.join(close)})" if close else ""
 
 
