@@ -148,3 +148,17 @@ def test_results_render_as_html_tables(exact_index: Path) -> None:
     assert html.startswith("<table>") and html.count("<tr>") == 1 + 1 + len(results[0].proponents + results[0].opponents)
     assert "prediction 1 for brazil commonbloc1 ?" in html and results[0].proponents[0].head in html
     assert "<table" in index.self_influence(top=3)._repr_html_()
+
+
+def test_a_build_hands_the_model_back_with_its_own_state(conve_inverse: Trained, exact_index: Path) -> None:
+    """A build loads every checkpoint into the model; built or skipped, the caller's model keeps its state, so
+    ``open_index(model=bundle)`` predicts with the trained model."""
+    bundle = load_model(conve_inverse.directory)
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    store = build_index(bundle, exact_index, checkpoints=conve_inverse.checkpoints,
+                        config=BuildConfig(projection=ProjectionSpec("none")))
+    assert store.build_report is not None and store.build_report["skipped"]
+    after = bundle.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert open_index(exact_index, model=bundle).predict("brazil commonbloc1 ?", n=3) == \
+        open_index(exact_index).predict("brazil commonbloc1 ?", n=3)

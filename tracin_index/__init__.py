@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BuildConfig": "build", "build_index": "build", "sample_rows": "build",
     "IndexMismatchError": "errors", "InputError": "errors", "StoreError": "errors", "TracinError": "errors",
-    "FORMATS": "registry", "LOSSES": "registry", "MODES": "registry", "PROJECTIONS": "registry",
+    "FORMATS": "registry", "LOSSES": "registry", "MODES": "registry", "OPTIMIZERS": "registry", "PROJECTIONS": "registry",
     "SEARCHES": "registry", "STRATEGIES": "registry",
     "ModelBundle": "model", "load_model": "model",
     "open_index": "opening",
@@ -37,7 +37,7 @@ _EXPORTS = {
 
 __all__ = [  # every name of _EXPORTS, and the version
     "AggregateResult", "BuildConfig", "FORMATS", "IndexMismatchError", "Influence", "InputError", "LOSSES",
-    "MODES", "ModelBundle", "PROJECTIONS", "ProjectionSpec", "QueryResult", "Ranking", "Results", "SEARCHES",
+    "MODES", "ModelBundle", "OPTIMIZERS", "PROJECTIONS", "ProjectionSpec", "QueryResult", "Ranking", "Results", "SEARCHES",
     "STRATEGIES", "ScoreSettings", "StoreError", "TracinCheckpoint", "TracinError", "TracinIndex",
     "__version__", "build_index", "collect_builds", "find_checkpoints", "load_model", "open_index",
     "sample_rows", "self_influence_ranking", "write_json", "write_records", "write_scores",
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
         ScoreSettings,
         self_influence_ranking,
     )
-    from .registry import FORMATS, LOSSES, MODES, PROJECTIONS, SEARCHES, STRATEGIES
+    from .registry import FORMATS, LOSSES, MODES, OPTIMIZERS, PROJECTIONS, SEARCHES, STRATEGIES
     from .results import write_json, write_records, write_scores
     from .retention import collect_builds
 

@@ -155,11 +155,14 @@ def build_index(
     checkpoints = checkpoints or []
     _check_out(out, bundle, checkpoints)
     held = lock or BuildLock(out).acquire()
+    # the build loads each checkpoint into the model: the caller gets it back holding its own state
+    state = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
     try:
         if held.took_over:
             say(f"took over the lock of a build that is no longer running ({held.took_over})")
         return _build_locked(bundle, out, checkpoints, config, force, progress, say, held)
     finally:
+        bundle.model.load_state_dict(state)
         if lock is None:
             held.release()
 

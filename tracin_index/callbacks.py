@@ -1,8 +1,8 @@
 """Training-side integration: save TracIn checkpoints while pykeen trains, and find them again.
 
 :class:`TracinCheckpoint` is a pykeen training callback that writes ``epoch_{epoch:05d}.pt`` files holding the
-model state at the end of an epoch and the learning rate in force *during* that epoch;
-:func:`find_checkpoints` turns a directory of such files (or pykeen's own checkpoint files) into the
+model state at the end of an epoch, the optimizer's state at that moment and the learning rate in force *during*
+that epoch; :func:`find_checkpoints` turns a directory of such files (or pykeen's own checkpoint files) into the
 ``(path, lr)`` list that :func:`tracin_index.build.build_index` and :func:`tracin_index.model.load_checkpoints` take.
 
 Facts about pykeen 1.11 this relies on (``pykeen/training/training_loop.py``):
@@ -15,6 +15,9 @@ Facts about pykeen 1.11 this relies on (``pykeen/training/training_loop.py``):
 * the training-loop checkpoint (``checkpoint_name=...``) is written by ``_save_state`` *after* all
   ``post_epoch`` callbacks, i.e. after the scheduler stepped: with a scheduler, its optimizer lr is the *next*
   epoch's, not the lr of the epoch the saved state finished. Without a scheduler the lr never changes.
+* the training loop builds its optimizer on ``model.get_grad_params()`` (the parameters of ``model.parameters()``
+  that train), so the training-loop checkpoint's ``optimizer_state_dict`` numbers them in that order;
+  :func:`tracin_index.model.load_checkpoints` names them by it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pykeen.training.callbacks import TrainingCallback
 from .atomic import replacing
 from .errors import InputError, spelled
 from .model import _state_dict_of
+from .optimizer import OptimizerState
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_SUFFIXES", "TracinCheckpoint", "find_checkpoints"]
 
@@ -56,9 +60,15 @@ class TracinCheckpoint(TrainingCallback):
          "lr": lr of param group 0, "lrs": [lr of every param group],
          "state_dict": {name: tensor on cpu}}
 
-    ``state_dict`` is the model at the end of epoch ``e``; ``lr``/``lrs`` are the learning rates in force
-    *during* epoch ``e`` (read before pykeen's scheduler callback steps). TracIn weights a checkpoint by one
-    scalar: with several param groups of different lrs, all are recorded but ``lr`` (group 0) is the one used.
+    and, with ``optimizer_state=True``, ``"optimizer": {"class": "Adam", "params": {name: {"exp_avg_sq": tensor,
+    "step": t, "beta2": b2, "eps": eps, "lr": lr, "amsgrad": False}}}``: the optimizer's state of each parameter
+    by name (its second moments only: ``max_exp_avg_sq`` too with AMSGrad; an SGD run records its class and no
+    parameters), for optimizer-aware queries (:mod:`tracin_index.optimizer`).
+
+    ``state_dict`` is the model at the end of epoch ``e`` and ``optimizer`` the optimizer's state at the same
+    moment; ``lr``/``lrs`` are the learning rates in force *during* epoch ``e`` (read before pykeen's scheduler
+    callback steps). TracIn weights a checkpoint by one scalar: with several param groups of different lrs, all
+    are recorded but ``lr`` (group 0) is the one used.
 
     ``last`` is honoured in ``post_train``, which pykeen does not call when an early stopper ends training;
     there, rely on ``frequency``/``epochs``.
@@ -71,6 +81,7 @@ class TracinCheckpoint(TrainingCallback):
         frequency: int | None = None,
         epochs: Iterable[int] | None = None,
         last: bool = True,
+        optimizer_state: bool = True,
     ) -> None:
         super().__init__()
         if frequency is not None and (isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1):
@@ -85,6 +96,7 @@ class TracinCheckpoint(TrainingCallback):
         self.frequency = frequency
         self.epochs = frozenset(chosen)
         self.last = last
+        self.optimizer_state = optimizer_state
         self.saved: list[Path] = []  # files written by this callback, in order
         self._final: tuple[int, list[float]] | None = None  # (epoch, lrs) of the latest epoch seen
         self._final_saved = False
@@ -120,6 +132,8 @@ class TracinCheckpoint(TrainingCallback):
             "run_id": self.run_id,
             "state_dict": state,
         }
+        if self.optimizer_state:
+            payload["optimizer"] = OptimizerState.of(self.optimizer, self.model).to_payload()
         path = self.directory / _NAME.format(epoch=epoch)
         with replacing(path) as tmp:
             torch.save(payload, tmp)

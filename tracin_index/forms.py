@@ -10,15 +10,17 @@ for its type.
 - :class:`RowsGrad`: the looked-up rows of an ``nn.Embedding`` table, ``index (B, R)``, ``values (B, R, d)``;
 - :class:`OuterGrad`: an ``nn.Linear`` weight, ``g_b = sum_r u[r, b] v[r, b]^T``, never materialised;
 - :class:`SharedOuterGrad`: the same with ``v`` held once per distinct input row (rows with the same
-  encoder input share it).
+  encoder input share it);
+- :class:`DenseOuterGrad`: a Linear weight's gradient held dense (a test gradient times a diagonal
+  preconditioner), sketched as the outer-product forms are and multiplied with them as ``u^T X v``.
 
-The two outer-product forms live in :mod:`tracin_index.outer` and are re-exported here.
+The outer-product forms live in :mod:`tracin_index.outer` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,8 +28,8 @@ import torch
 if TYPE_CHECKING:
     from .projection import GaussianProjector, SketchProjector
 
-__all__ = ["DenseGrad", "GradBlock", "OuterGrad", "Pairs", "RowsGrad", "SharedOuterGrad", "TrackedParam", "concat",
-           "densify", "inner", "inner_pairs", "select", "sq_norms"]
+__all__ = ["DenseGrad", "DenseOuterGrad", "GradBlock", "OuterGrad", "Pairs", "RowsGrad", "SharedOuterGrad", "TrackedParam",
+           "concat", "densify", "inner", "inner_pairs", "select", "sq_norms"]
 
 
 DENSE_PAIRS = 16  # pair products take the dense product when the pairs fill at least 1/16 of the Na x Nb matrix
@@ -102,6 +104,27 @@ class GradBlock:
         """The block with its input features in ``perm``'s order (only forms with an input side change)."""
         return self
 
+    def scaled(self, factor: torch.Tensor) -> GradBlock:
+        """Each triple's gradient multiplied elementwise by ``factor`` (shaped as the parameter): a diagonal
+        preconditioner. A form that cannot hold the product in its own shape gives it dense."""
+        return DenseGrad(self.densify() * factor.reshape(1, -1))
+
+    def dense_pairs(self, x: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+        """Exact ``<x[sa[p]], self[sb[p]]>`` for flat gradients ``x (Na, D)`` of the same parameter (a dense
+        block's pair products with this form): ``(P,) float32``. Forms override it to stay factored."""
+        return DenseGrad(x).pair_products(DenseGrad(self.densify()), pairs)
+
+    def dense_inner(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact ``<x[a], self[b]>`` ``(Na, B) float32`` for flat gradients ``x (Na, D)``: :meth:`dense_pairs`
+        over every pair."""
+        na, nb = int(x.shape[0]), self.num_triples
+        ia = torch.arange(na, device=x.device).repeat_interleave(nb)
+        ib = torch.arange(nb, device=x.device).repeat(na)
+        pairs = Pairs(ia, ib, na, nb)
+        out = torch.empty(na * nb, device=x.device)
+        out[pairs.order] = self.dense_pairs(x, pairs)
+        return out.reshape(na, nb)
+
     def countsketch(self, sk: SketchProjector, j: int) -> torch.Tensor:
         """The CountSketch ``(B, k)`` of each triple's gradient, as parameter ``j`` of ``sk``."""
         raise NotImplementedError
@@ -172,11 +195,13 @@ class DenseGrad(GradBlock):
         return (self.values * self.values).sum(1)
 
     def inner(self, other: GradBlock) -> torch.Tensor:
-        assert isinstance(other, DenseGrad)
+        if not isinstance(other, DenseGrad):  # a preconditioned test gradient against a factored form
+            return other.dense_inner(self.values)
         return self.values @ other.values.T
 
     def pair_products(self, other: GradBlock, pairs: Pairs) -> torch.Tensor:
-        assert isinstance(other, DenseGrad)
+        if not isinstance(other, DenseGrad):
+            return other.dense_pairs(self.values, pairs)
         x, y = self.values, other.values
         if pairs.dense:  # one small GEMM instead of gathering both sides per pair
             return (x @ y.T)[pairs.sa, pairs.sb]
@@ -186,6 +211,9 @@ class DenseGrad(GradBlock):
 
     def select(self, index: torch.Tensor) -> GradBlock:
         return DenseGrad(self.values[index])
+
+    def scaled(self, factor: torch.Tensor) -> GradBlock:
+        return replace(self, values=self.values * factor.reshape(1, -1))
 
     @classmethod
     def concat(cls, parts: list[GradBlock]) -> GradBlock:
@@ -251,6 +279,16 @@ class RowsGrad(GradBlock):
 
     def select(self, index: torch.Tensor) -> GradBlock:
         return RowsGrad(self.index[index], self.values[index], self.num_rows)
+
+    def scaled(self, factor: torch.Tensor) -> GradBlock:
+        """Only the looked-up rows change: a diagonal factor keeps the other rows' gradients zero."""
+        return RowsGrad(self.index, self.values * factor.reshape(self.num_rows, -1)[self.index], self.num_rows)
+
+    def dense_pairs(self, x: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+        """The dense rows at this block's looked-up rows only: ``sum_r <x[a, index[b, r]], values[b, r]>``."""
+        mats = x.reshape(x.shape[0], self.num_rows, -1)
+        sa, sb = pairs.sa, pairs.sb
+        return (mats[sa[:, None], self.index[sb]] * self.values[sb]).sum((1, 2))
 
     @classmethod
     def concat(cls, parts: list[GradBlock]) -> GradBlock:
@@ -339,4 +377,4 @@ def select(blocks: list[GradBlock], index: torch.Tensor) -> list[GradBlock]:
     return [blk.select(index) for blk in blocks]
 
 
-from .outer import OuterGrad, SharedOuterGrad  # noqa: E402 - the outer forms build on the base class above
+from .outer import DenseOuterGrad, OuterGrad, SharedOuterGrad  # noqa: E402 - the outer forms build on the base class above

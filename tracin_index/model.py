@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, arg
+from .optimizer import OptimizerState
 from .triples import (
     PYKEEN_PREFIX,
     TriplesData,
@@ -58,12 +60,14 @@ TRAINING_TRIPLES_DIR = "training_triples"
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One model state and the learning rate in force when it was saved."""
+    """One model state and the learning rate in force when it was saved; ``optimizer``: the optimizer's state
+    at the same moment, by parameter name, when the file holds it and it was asked for."""
 
     name: str
     state: dict[str, torch.Tensor]
     lr: float
     fingerprint: str
+    optimizer: OptimizerState | None = None
 
 
 @dataclass
@@ -221,8 +225,28 @@ def _check_sizes(model: nn.Module, triples: TriplesData) -> None:
         raise InputError("the training set is empty; nothing to index")
 
 
-def load_checkpoints(model: nn.Module, specs: list[tuple[str, float]]) -> list[Checkpoint]:
-    """Load ``(path, lr)`` pairs; without any, the model's own state with lr 1."""
+def _optimizer_of(obj: Any, model: nn.Module, keep: Sequence[str]) -> OptimizerState | None:
+    """The optimizer state a checkpoint file holds, by parameter name, for the parameters ``keep``: a
+    ``TracinCheckpoint`` file's (``optimizer``, by name), or a positional ``optimizer.state_dict()`` (PyKEEN's
+    training-loop ``optimizer_state_dict``, or ``optimizer`` beside the model) named in the model's order."""
+    if not isinstance(obj, dict):
+        return None
+    for key in ("optimizer", "optimizer_state_dict"):
+        found = obj.get(key)
+        if isinstance(found, dict) and "class" in found and "params" in found:
+            return OptimizerState.from_payload(found).restricted(keep)
+        if isinstance(found, dict) and "param_groups" in found and "state" in found:
+            return OptimizerState.from_state_dict(found, model).restricted(keep)
+    return None
+
+
+def load_checkpoints(model: nn.Module, specs: list[tuple[str, float]], *,
+                     optimizer_params: Sequence[str] | None = None) -> list[Checkpoint]:
+    """Load ``(path, lr)`` pairs; without any, the model's own state with lr 1.
+
+    ``optimizer_params``: the parameters whose optimizer state to keep in ``Checkpoint.optimizer`` (a query's
+    tracked parameters); None keeps none.
+    """
     if not specs:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return [Checkpoint(name="model", state=state, lr=1.0, fingerprint=state_fingerprint(state))]
@@ -234,8 +258,10 @@ def load_checkpoints(model: nn.Module, specs: list[tuple[str, float]]) -> list[C
         p = Path(path)
         if p.is_dir():
             p = p / TRAINED_MODEL_FILE
-        state = _state_dict_of(_torch_load(p, "checkpoint"), p)
+        obj = _torch_load(p, "checkpoint")
+        state = _state_dict_of(obj, p)
         state = {k: v.detach().cpu() for k, v in state.items()}  # torch.load's own tensors: no copy needed
+        optimizer = None if optimizer_params is None else _optimizer_of(obj, model, optimizer_params)
         missing = sorted(set(reference) - set(state))
         extra = sorted(set(state) - set(reference))
         bad = [k for k in reference if k in state and tuple(state[k].shape) != tuple(reference[k].shape)]
@@ -244,7 +270,8 @@ def load_checkpoints(model: nn.Module, specs: list[tuple[str, float]]) -> list[C
                 f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else f"shape of {bad[:3]}"
             )
             raise InputError(f"checkpoint {path} is not a state of this model's architecture ({detail})")
-        out.append(Checkpoint(name=str(Path(path).resolve()), state=state, lr=float(lr), fingerprint=state_fingerprint(state)))
+        out.append(Checkpoint(name=str(Path(path).resolve()), state=state, lr=float(lr), fingerprint=state_fingerprint(state),
+                              optimizer=optimizer))
     return out
 
 

@@ -3,7 +3,8 @@
 :func:`open_index` loads the recorded model (or takes ``model``) and its checkpoints, and refuses any
 difference from what the store records (model class, training triples, checkpoint states and learning
 rates, tracked parameters, loss, projection) with one :class:`~tracin_index.errors.IndexMismatchError`
-that lists them all. It changes no process-wide state.
+that lists them all. The checkpoints' optimizer states are kept for the tracked parameters (optimizer-aware
+queries). It changes no process-wide state.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .location import Where, location
 from .model import Checkpoint, ModelBundle, TriplesData, load_checkpoints, load_model, select_parameters, triples_fingerprint
 from .projection import ProjectionSpec
 from .query import TracinIndex
+from .registry import OPTIMIZERS
 from .runtime import resolve_device
 from .store import Store
 from .tracer import Tracer
@@ -33,6 +35,7 @@ def open_index(
     device: str | None = "cpu",
     search: str = "auto",
     memory: int | None = None,
+    optimizer: str = OPTIMIZERS.default,
 ) -> TracinIndex:
     """Open a built index with the model it was built from (or ``model``), refusing any mismatch.
 
@@ -44,6 +47,9 @@ def open_index(
     ``stream`` (exact, one block
     of at most ``memory`` bytes in RAM at a time: stores larger than memory). ``memory``: the bytes the
     search may hold (default: the in-memory index if it fits in half the available RAM, else 256 MiB blocks).
+    ``optimizer``: the training optimizer whose step the influences follow (:data:`~tracin_index.registry.OPTIMIZERS`),
+    the default of every query; another one may be asked per query. ``adam`` needs each checkpoint's Adam state
+    (:class:`~tracin_index.callbacks.TracinCheckpoint` saves it) and is refused in one line without it.
     """
     store = Store.open(path)
     attrs = store.attrs
@@ -68,7 +74,8 @@ def open_index(
         specs = [] if recorded[0]["name"] == "model" else [(c["name"], c["lr"]) for c in recorded]
     else:
         specs = checkpoints
-    ckpts: list[Checkpoint] = load_checkpoints(bundle.model, specs)
+    names = [p["name"] for p in attrs["tracked"]]
+    ckpts: list[Checkpoint] = load_checkpoints(bundle.model, specs, optimizer_params=names)
     if len(ckpts) != len(recorded):
         differences.append(f"checkpoints: index has {len(recorded)}, query gives {len(ckpts)}")
     else:
@@ -77,7 +84,6 @@ def open_index(
                 differences.append(f"model state {c.name} differs from the indexed one (sha256 {rec['sha256'][:12]}...)")
             elif abs(c.lr - rec["lr"]) > 1e-12 * max(1.0, rec["lr"]):
                 differences.append(f"learning rate of {c.name}: index {rec['lr']}, query {c.lr}")
-    names = [p["name"] for p in attrs["tracked"]]
     params = dict(bundle.model.named_parameters())
     for p in attrs["tracked"]:
         if p["name"] not in params or list(params[p["name"]].shape) != p["shape"]:
@@ -96,4 +102,4 @@ def open_index(
     tracer = Tracer(bundle, ckpts, names, attrs["loss"], spec, resolve_device(device))
     ent, rel = store.labels()
     labels = TriplesData(mapped=bundle.triples.mapped, entity_labels=ent, relation_labels=rel)
-    return TracinIndex(store, tracer, labels, search, memory)
+    return TracinIndex(store, tracer, labels, search, memory, optimizer=optimizer)

@@ -1,6 +1,7 @@
 """The outer-product gradient forms of :mod:`tracin_index.forms`: an ``nn.Linear`` weight's per-triple gradient
 ``sum_r u[r] v[r]^T``, with ``v`` held per internal row (:class:`OuterGrad`) or once per distinct input row
-(:class:`SharedOuterGrad`)."""
+(:class:`SharedOuterGrad`), and the same weight's gradient held dense (:class:`DenseOuterGrad`), which a diagonal
+preconditioner makes of a test gradient."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import forms
-from .forms import GradBlock, Pairs
+from .forms import DenseGrad, GradBlock, Pairs
 from .linalg import row_grams, sampled_dots, shared_grams
 
 if TYPE_CHECKING:
     from .projection import GaussianProjector, SketchProjector
 
-__all__ = ["OuterGrad", "SharedOuterGrad"]
+__all__ = ["DenseOuterGrad", "OuterGrad", "SharedOuterGrad"]
 
 # bytes of each complex intermediate (u's spectra, v's gathered spectra) per step of the CPU TensorSketch
 SKETCH_BLOCK_BYTES = 1 << 21
@@ -115,6 +116,28 @@ class OuterGrad(GradBlock):
     def reordered(self, perm: torch.Tensor) -> GradBlock:
         return OuterGrad(self.u, self.v[..., perm.to(self.v.device)])
 
+    def scaled(self, factor: torch.Tensor) -> GradBlock:
+        """``factor * sum_r u_r v_r^T`` is no outer product: the weight's gradient, dense."""
+        return DenseOuterGrad(self.densify() * factor.reshape(1, -1), int(self.u.shape[-1]))
+
+    def dense_pairs(self, x: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+        """``<X_a, sum_r u[r, b] v[r, b]^T> = sum_r u[r, b] . (X_a v[r, b])`` for dense ``X_a = x[a]`` ``(out, in)``:
+        each distinct (test, input row) product ``X_a v`` once, one GEMM per test."""
+        rows, index = self.flat_v()  # (M, in), (R, Nb)
+        r_, _, out = self.u.shape
+        m = int(rows.shape[0])
+        keys = pairs.sa[:, None] * m + index[:, pairs.sb].T  # (P, R)
+        distinct, inverse = torch.unique(keys.reshape(-1), sorted=True, return_inverse=True)
+        tests, counts = torch.unique_consecutive(distinct // m, return_counts=True)
+        which = distinct % m
+        mats = x.reshape(x.shape[0], out, -1)
+        xv = x.new_empty(int(distinct.shape[0]), out)
+        start = 0
+        for a, n in zip(tests.tolist(), counts.tolist(), strict=True):
+            xv[start : start + n] = rows[which[start : start + n]] @ mats[a].T
+            start += n
+        return (xv[inverse].reshape(-1, r_, out) * self.u[:, pairs.sb].transpose(0, 1)).sum((1, 2))
+
     def _v_spectra(self, sk: SketchProjector, j: int) -> torch.Tensor:
         return torch.fft.rfft(sk.countsketch(self.v, j, 1), n=sk.k)  # (R, B, bins)
 
@@ -194,6 +217,45 @@ class SharedOuterGrad(OuterGrad):
 
     def _v_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.v, self.index.reshape(-1)
+
+
+@dataclass
+class DenseOuterGrad(DenseGrad):
+    """A Linear weight's per-triple gradient held dense, ``values (B, out * in)`` with ``rows = out``: what a
+    diagonal preconditioner makes of an :class:`OuterGrad`. The weight's other blocks are outer products, so
+    this one is sketched as they are (the TensorSketch's hashes, which its Gaussian projection and its flat
+    values already share), its input side is permuted as theirs, and its products with them are ``u^T X v``
+    (:meth:`OuterGrad.dense_pairs`)."""
+
+    rows: int
+
+    def select(self, index: torch.Tensor) -> GradBlock:
+        return DenseOuterGrad(self.values[index], self.rows)
+
+    @classmethod
+    def concat(cls, parts: list[GradBlock]) -> GradBlock:
+        return DenseOuterGrad(torch.cat([p.values for p in parts]), parts[0].rows)  # type: ignore[attr-defined]
+
+    def reordered(self, perm: torch.Tensor) -> GradBlock:
+        b = self.values.shape[0]
+        mats = self.values.reshape(b, self.rows, -1)[..., perm.to(self.values.device)]
+        return DenseOuterGrad(mats.reshape(b, -1), self.rows)
+
+    def countsketch(self, sk: SketchProjector, j: int) -> torch.Tensor:
+        """The TensorSketch of each triple's matrix ``X``: coordinate ``(o, i)`` goes to bucket
+        ``h_u(o) + h_v(i) mod k`` with sign ``s_u(o) s_v(i)``, the hashes :meth:`OuterGrad.countsketch` convolves.
+        Each row of ``X`` is sketched by ``v``'s hashes, then shifted by ``h_u(o)`` and signed by ``s_u(o)``."""
+        b, k = self.values.shape[0], sk.k
+        dev = self.values.device
+        bucket, sign = sk.hashes(j, 0, torch.arange(self.rows, device=dev))
+        shift = (torch.arange(k, device=dev)[None, :] - bucket[:, None]) % k  # (out, k): where row o's bucket m lands
+        step = max(1, SKETCH_BLOCK_BYTES * 16 // (8 * self.rows * k))
+        out = self.values.new_empty(b, k)
+        for s in range(0, b, step):
+            e = min(b, s + step)
+            rows_sketched = sk.countsketch(self.values[s:e].reshape(e - s, self.rows, -1), j, 1)  # (b, out, k)
+            out[s:e] = (rows_sketched.gather(2, shift.expand(e - s, -1, -1)) * sign[None, :, None]).sum(1)
+        return out
 
 
 def _shared_dots(x: torch.Tensor, y: torch.Tensor, sa: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

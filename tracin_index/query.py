@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, arg
+from .optimizer import Preconditioner
 from .rankings import (
     TEST_COLUMNS,
     TRAIN_COLUMNS,
@@ -32,10 +33,10 @@ from .rankings import (
     default_candidates,
     self_influence_ranking,
 )
-from .registry import MODES
+from .registry import MODES, OPTIMIZERS
 from .search import available_memory, load_rows, make_searcher
 from .store import Store
-from .tracer import Tracer
+from .tracer import Rows, Tracer
 from .triples import QUESTION, TriplesData, parse_triples, relation_ids
 
 # the result types live in .rankings and open_index in .opening (which builds on this module); both importable
@@ -76,7 +77,7 @@ class TracinIndex:
     """
 
     def __init__(self, store: Store, tracer: Tracer, labels: TriplesData, search_backend: str = "auto",
-                 memory: int | None = None) -> None:
+                 memory: int | None = None, *, optimizer: str = OPTIMIZERS.default) -> None:
         self.store = store
         self.tracer = tracer
         self.labels = labels
@@ -87,7 +88,9 @@ class TracinIndex:
         self.searcher = make_searcher(store, tracer.device, search_backend, memory)
         self._inv_norms = _reciprocal(store.read("norms").astype(np.float32))  # (N, C): the cosine mode's row scale
         self._acts = self._load_acts()
-        self._per_test_bytes: int | None = None
+        self._per_test_bytes: dict[str, int] = {}  # per optimizer: a test triple's gradient blocks
+        self._preconditioners: dict[str, Preconditioner] = {}
+        self.optimizer = self.preconditioner(optimizer).name  # the queries' default, its checkpoints' state checked now
         # the trained model's own state (the tracer loads checkpoints into the same module): it ranks predictions
         self._model_state = {k: v.detach().clone() for k, v in tracer.model.state_dict().items()}
         self._known: dict[tuple[int, int], np.ndarray] | None = None
@@ -115,6 +118,21 @@ class TracinIndex:
         """The store's attributes (settings, fingerprints, tracked parameters, sample)."""
         return self.store.attrs
 
+    def preconditioner(self, optimizer: str | None = None) -> Preconditioner:
+        """The test gradients' preconditioner for the training ``optimizer`` (None: the index's default), made
+        once from the checkpoints' optimizer states (:mod:`tracin_index.optimizer`); refused in one line when
+        they lack what it needs."""
+        name = OPTIMIZERS.check(optimizer or self.optimizer)
+        if name not in self._preconditioners:
+            t = self.tracer
+            self._preconditioners[name] = Preconditioner.make(name, t.checkpoints, t.tracked, t.device)
+        return self._preconditioners[name]
+
+    def _rows(self, test: torch.Tensor, optimizer: str | None, keep_blocks: bool) -> Rows:
+        """The test side of every influence: rows, norms and blocks of the test triples' gradients, each
+        checkpoint's preconditioned by ``optimizer``'s step."""
+        return self.tracer.rows(test, keep_blocks=keep_blocks, precondition=self.preconditioner(optimizer))
+
     # ------------------------------------------------------------------ inputs
 
     def parse(self, triples: Any, *, questions: bool = False) -> torch.Tensor:
@@ -129,9 +147,10 @@ class TracinIndex:
     def settings(self, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
                  neighbourhood: bool = False, candidates: int | None = None,
                  opponent_candidates: int | None = None, rerank: bool = True, predictions: int = 1,
-                 filtered: bool = True) -> ScoreSettings:
-        """Checked :class:`ScoreSettings` (labels resolved, ranges checked)."""
+                 filtered: bool = True, optimizer: str | None = None) -> ScoreSettings:
+        """Checked :class:`ScoreSettings` (labels resolved, ranges checked; ``optimizer`` None: the index's)."""
         MODES.check(mode)
+        optimizer = self.preconditioner(optimizer).name
         num_entities = len(self.labels.entity_labels)
         if not 1 <= predictions <= num_entities:
             raise InputError(f"{arg('predictions', predictions)} is out of range; choose 1..{num_entities} (the entities)")
@@ -142,23 +161,25 @@ class TracinIndex:
                 raise InputError(f"{arg(name, value)} must be at least 1")
         return ScoreSettings(k=k, mode=mode, relations=self.relation_ids(relations), neighbourhood=neighbourhood,
                              candidates=candidates, opponent_candidates=opponent_candidates, rerank=rerank,
-                             predictions=predictions, filtered=filtered)
+                             predictions=predictions, filtered=filtered, optimizer=optimizer)
 
     # ------------------------------------------------------------------ exact values
 
-    def test_rows(self, test: torch.Tensor) -> tuple[np.ndarray, list[list[Any]]]:
-        """Projected query rows ``(M, C*k) float32`` and the exact gradient blocks per checkpoint."""
-        r = self.tracer.rows(test, keep_blocks=True)
+    def test_rows(self, test: torch.Tensor, optimizer: str | None = None) -> tuple[np.ndarray, list[list[Any]]]:
+        """Projected query rows ``(M, C*k) float32`` and the exact gradient blocks per checkpoint (preconditioned
+        by ``optimizer``'s step; None: the index's optimizer)."""
+        r = self._rows(test, optimizer, keep_blocks=True)
         return r.rows.cpu().numpy().astype(np.float32), r.blocks
 
-    def exact_influence(self, test: Any, rows: torch.Tensor | np.ndarray | None = None, mode: str = "dot") -> torch.Tensor:
+    def exact_influence(self, test: Any, rows: torch.Tensor | np.ndarray | None = None, mode: str = "dot",
+                        optimizer: str | None = None) -> torch.Tensor:
         """Exact influence ``(M, n) float32`` of test triples on index rows (all by default), brute force.
 
         ``mode="cosine"`` gives ``sum_c lr_c cos(g_c(train), g_c(test)) / sum_c lr_c`` (in [-1, 1]); dot and
-        abs give raw TracIn.
+        abs give raw TracIn. ``optimizer``: whose step the influences follow (None: the index's).
         """
         t = self.parse(test)
-        r = self.tracer.rows(t, keep_blocks=True)
+        r = self._rows(t, optimizer, keep_blocks=True)
         idx = torch.arange(self.num_rows) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         test_scale = train_scale = None
         if mode == "cosine":
@@ -202,7 +223,7 @@ class TracinIndex:
 
     def _queries(self, test: torch.Tensor, s: ScoreSettings, keep_blocks: bool) -> tuple[np.ndarray, torch.Tensor | None, Any]:
         """Query rows ``(M, W)`` (normalised per checkpoint in cosine mode), the test scale, and the blocks."""
-        r = self.tracer.rows(test, keep_blocks=keep_blocks)
+        r = self._rows(test, s.optimizer, keep_blocks=keep_blocks)
         q = r.rows.cpu().numpy().astype(np.float32)
         if s.mode != "cosine":
             return q, None, r.blocks
@@ -263,7 +284,7 @@ class TracinIndex:
         ent, rel = self.labels.entity_labels, self.labels.relation_labels
         common: list[dict[str, Any]] = [
             {"test": {"head": ent[h], "relation": rel[r], "tail": ent[t]}, "test_ids": (h, r, t), "mode": s.mode,
-             "exact": s.rerank} for h, r, t in test.tolist()]
+             "exact": s.rerank, "optimizer": s.optimizer} for h, r, t in test.tolist()]
         if s.mode == "abs":
             out = []
             for m, c in enumerate(common):
@@ -290,7 +311,7 @@ class TracinIndex:
     def query(self, triples: Any, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
               neighbourhood: bool = False, candidates: int | None = None, opponent_candidates: int | None = None,
               rerank: bool = True, batch_size: int | None = None, versus: Any = None, predictions: int = 1,
-              filtered: bool = True) -> Results:
+              filtered: bool = True, optimizer: str | None = None) -> Results:
         """Top-``k`` proponents and opponents (or ``top`` by magnitude) of each test triple.
 
         ``triples``: what :meth:`parse` accepts. ``mode``: ``dot`` (raw TracIn), ``cosine``
@@ -303,11 +324,12 @@ class TracinIndex:
         A test triple may be a question, ``"head relation ?"`` or ``"? relation tail"``: its top ``predictions``
         completions by the model are explained (:meth:`explain_prediction`). ``versus``: one triple per test
         triple (or one for all); the influences are then on the margin ``s(test) - s(versus)`` between the
-        model's scores (:meth:`contrast`).
+        model's scores (:meth:`contrast`). ``optimizer``: the training optimizer whose step the influences follow
+        (None: the index's; ``adam`` preconditions each checkpoint's test gradient by Adam's second moment).
         """
         s = self.settings(k, mode=mode, relations=relations, neighbourhood=neighbourhood, candidates=candidates,
                           opponent_candidates=opponent_candidates, rerank=rerank, predictions=predictions,
-                          filtered=filtered)
+                          filtered=filtered, optimizer=optimizer)
         if versus is not None:
             return self.contrast(triples, versus, s)
         return self.score(triples, s, batch_size=batch_size)
@@ -408,7 +430,7 @@ class TracinIndex:
                              "triple or one for all")
         m = len(t)
         with torch.no_grad(), self.tracer.test_loss("score"):
-            r = self.tracer.rows(torch.cat([t, alt]), keep_blocks=s.rerank)
+            r = self._rows(torch.cat([t, alt]), s.optimizer, keep_blocks=s.rerank)
         rows = r.rows.cpu().numpy().astype(np.float32)
         ps, pi, os_, oi = self._retrieve(rows[:m] - rows[m:], s, self._mask(t, s), None)
         if s.rerank:
@@ -434,13 +456,14 @@ class TracinIndex:
             if requested < 1:
                 raise InputError(f"{arg('batch_size', requested)} must be at least 1")
             return requested
-        if self._per_test_bytes is None:
+        s = settings or ScoreSettings(optimizer=self.optimizer)
+        if s.optimizer not in self._per_test_bytes:
             with torch.no_grad():
-                r = self.tracer.rows(self.triples[:1], keep_blocks=True)
-            self._per_test_bytes = sum(t.nbytes for blocks in r.blocks for blk in blocks
-                                       for t in vars(blk).values() if isinstance(t, torch.Tensor))
-        pairs = sum((settings or ScoreSettings()).per_end())
-        per_test = self._per_test_bytes + pairs * PAIR_BYTES + 4 * self.searcher.width
+                r = self._rows(self.triples[:1], s.optimizer, keep_blocks=True)
+            self._per_test_bytes[s.optimizer] = sum(t.nbytes for blocks in r.blocks for blk in blocks
+                                                    for t in vars(blk).values() if isinstance(t, torch.Tensor))
+        pairs = sum(s.per_end())
+        per_test = self._per_test_bytes[s.optimizer] + pairs * PAIR_BYTES + 4 * self.searcher.width
         return max(1, min(n_tests, max(64, memory // per_test)))
 
     def score(self, test: Any, settings: ScoreSettings | None = None, *, batch_size: int | None = None,
@@ -482,14 +505,14 @@ class TracinIndex:
 
     def aggregate(self, test: Any, k: int = 10, *, mode: str = "dot", relations: Sequence[str | int] | None = None,
                   candidates: int | None = None, opponent_candidates: int | None = None, rerank: bool = True,
-                  batch_size: int = 256, progress: Progress | None = None) -> AggregateResult:
+                  batch_size: int = 256, progress: Progress | None = None, optimizer: str | None = None) -> AggregateResult:
         """Training triples ranked by influence summed over the whole test set (which matter most overall).
 
         TracIn is linear in the test gradient, so the sum over tests is one search with the summed
         query row; candidates are re-ranked by the exact sum (a second pass over the tests).
         """
         s = self.settings(k, mode=mode, relations=relations, candidates=candidates,
-                          opponent_candidates=opponent_candidates, rerank=rerank)
+                          opponent_candidates=opponent_candidates, rerank=rerank, optimizer=optimizer)
         t = self.resolve(test, s)[0]
         total = np.zeros(self.searcher.width, dtype=np.float64)
         passes = 2 if rerank else 1
@@ -523,7 +546,7 @@ class TracinIndex:
                 os_ = exact[np.searchsorted(union, np.maximum(oi, 0))]
         r = self._results(torch.zeros(1, 3, dtype=torch.long), s, pi[None], ps[None], oi[None], os_[None])[0]
         return AggregateResult(mode=mode, num_test=len(t), proponents=r.proponents, opponents=r.opponents, top=r.top,
-                               exact=rerank)
+                               exact=rerank, optimizer=s.optimizer)
 
     def self_influence(self, top: int | None = None) -> Ranking:
         """Indexed training triples ranked by exact self-influence ``sum_c lr_c ||g_c||^2`` (largest first).

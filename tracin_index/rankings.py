@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import InputError, arg
 from .location import Where
-from .registry import MODES
+from .registry import MODES, OPTIMIZERS
 from .store import Store
 
 if TYPE_CHECKING:
@@ -80,7 +80,8 @@ def _html(results: list[QueryResult]) -> str:
                       f"{float(p['score']):.4g})</small>")
         if res.versus is not None:
             title += " <small>over " + " ".join(escape(str(res.versus[k])) for k in ("head", "relation", "tail")) + "</small>"
-        rows.append(f'<tr><th colspan="6" style="text-align:left">{title} <small>[{escape(res.mode)}'
+        optimizer = "" if res.optimizer == OPTIMIZERS.default else f", {escape(res.optimizer)}"
+        rows.append(f'<tr><th colspan="6" style="text-align:left">{title} <small>[{escape(res.mode)}{optimizer}'
                     f'{"" if res.exact else ", projected"}]</small></th></tr>')
         for kind, items in _lists(res):
             for i in items:
@@ -113,6 +114,7 @@ class QueryResult:
     ``mode`` dot/cosine: ``proponents`` (largest positive influence first) and ``opponents`` (most
     negative first). ``mode`` abs: ``top``, largest ``|influence|`` first, signs kept (the earlier
     tool's ranking). ``exact`` is False when the values are projected estimates (no re-rank).
+    ``optimizer``: whose training step the influences follow; ``to_dict`` names it unless it is ``sgd``.
     """
 
     test: dict[str, str]
@@ -126,9 +128,13 @@ class QueryResult:
     prediction: dict[str, Any] | None = None
     # the triple the test triple is preferred over: the influences are on the margin between their scores
     versus: dict[str, str] | None = None
+    # the training optimizer whose step the influences follow (the registry's OPTIMIZERS)
+    optimizer: str = OPTIMIZERS.default
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"test": self.test, "mode": self.mode}
+        if self.optimizer != OPTIMIZERS.default:
+            out["optimizer"] = self.optimizer
         if self.prediction is not None:
             out["prediction"] = self.prediction
         if self.versus is not None:
@@ -181,9 +187,13 @@ class AggregateResult:
     opponents: list[Influence] = field(default_factory=list)
     top: list[Influence] = field(default_factory=list)
     exact: bool = True
+    optimizer: str = OPTIMIZERS.default
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "num_test": self.num_test, **_lists_dict(self)}
+        out: dict[str, Any] = {"mode": self.mode, "num_test": self.num_test}
+        if self.optimizer != OPTIMIZERS.default:
+            out["optimizer"] = self.optimizer
+        return {**out, **_lists_dict(self)}
 
     def records(self) -> list[dict[str, Any]]:
         return [{"mode": self.mode, **_train_record(kind, i)} for kind, items in _lists(self) for i in items]
@@ -216,7 +226,8 @@ class ScoreSettings:
     ``relations``: relation ids a listed training triple must have (None = any). ``neighbourhood``:
     listed training triples must share an entity with their test triple. Both restrict the search
     before the top-K cut. ``candidates`` / ``opponent_candidates``: rows retrieved per end and
-    re-ranked exactly (None = :func:`default_candidates`).
+    re-ranked exactly (None = :func:`default_candidates`). ``optimizer``: the training optimizer whose step the
+    influences follow (the test gradient preconditioned as it stepped; ``sgd`` is plain TracIn).
     """
 
     k: int = 10
@@ -228,6 +239,7 @@ class ScoreSettings:
     rerank: bool = True
     predictions: int = 1  # completions explained per question ("head relation ?")
     filtered: bool = True  # questions rank completions without the other known training triples
+    optimizer: str = OPTIMIZERS.default
 
     def per_end(self) -> tuple[int, int]:
         dp, do = default_candidates(self.k)

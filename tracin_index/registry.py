@@ -5,8 +5,8 @@ arguments, and the lists in the docs all come from these tables. An entry names 
 ``"module:attribute"`` and imports it only when :meth:`Entry.load` is called, so reading a table costs
 nothing (the command line builds its help from them before torch is imported).
 
-Adding a loss, a projection, a scoring mode, a search backend, an output format or a sampling strategy
-is one entry here plus its implementation.
+Adding a loss, a projection, a scoring mode, an optimizer, a search backend, an output format or a sampling
+strategy is one entry here plus its implementation.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 from .errors import InputError, arg
 
-__all__ = ["FORMATS", "LOSSES", "MODES", "PROJECTIONS", "REGISTRIES", "SEARCHES", "STRATEGIES", "Entry", "Registry",
-           "format_for"]
+__all__ = ["FORMATS", "LOSSES", "MODES", "OPTIMIZERS", "PROJECTIONS", "REGISTRIES", "SEARCHES", "STRATEGIES", "Entry",
+           "Registry", "format_for"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,14 @@ MODES = Registry("Scoring modes", "mode", [
     Entry("abs", "the largest |influence| in one list (the earlier tool's ranking)", "", {"lists": ("top",)}),
 ])
 
+OPTIMIZERS = Registry("Optimizers", "optimizer", [
+    Entry("sgd", "plain TracIn, the test gradient as it is (an SGD step moves the weights along the gradient)",
+          ".optimizer:sgd_factors"),
+    Entry("adam", "Adam's (and AdamW's) per-coordinate step, the test gradient divided by sqrt(v / (1 - beta2^t)) + eps "
+          "with each checkpoint's own second moment v, step t, beta2 and eps (TracinCheckpoint saves them)",
+          ".optimizer:adam_factors"),
+])
+
 SEARCHES = Registry("Search backends", "search", [
     Entry("auto", "the scan in memory, streamed from the store when the rows would not fit; FAISS on a GPU with "
           "faiss-gpu", "", {"scan": False}),
@@ -127,7 +135,7 @@ STRATEGIES = Registry("Sampling strategies", "stratify", [
     Entry("none", "a uniform sample of all training triples", ""),
 ])
 
-REGISTRIES = (LOSSES, PROJECTIONS, MODES, SEARCHES, FORMATS, STRATEGIES)
+REGISTRIES = (LOSSES, PROJECTIONS, MODES, OPTIMIZERS, SEARCHES, FORMATS, STRATEGIES)
 
 
 def format_for(path: Any, *, tables_only: bool = False) -> Entry:

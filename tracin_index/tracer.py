@@ -23,6 +23,7 @@ from .forms import GradBlock, TrackedParam, concat, inner, inner_pairs, sq_norms
 from .linalg import cat_parts
 from .losses import get_loss
 from .model import Checkpoint, ModelBundle
+from .optimizer import Preconditioner
 from .plan import Plan, Probe, input_keys, probe
 from .projection import DEFAULT_MEMORY, ProjectionSpec, make_projector
 
@@ -189,15 +190,22 @@ class Tracer:
         per = out.shape[0] // probe.shape[0]
         return {"module": name, "width": len(self.checkpoints) * per * int(out.shape[1])}
 
-    def rows(self, triples: torch.Tensor, batch_size: int = 1024, keep_blocks: bool = False, keep_acts: bool = False) -> Rows:
+    def rows(self, triples: torch.Tensor, batch_size: int = 1024, keep_blocks: bool = False, keep_acts: bool = False,
+             precondition: Preconditioner | None = None) -> Rows:
         """Stored rows for ``(B, 3) int64`` raw-id triples, checked for NaN/inf.
 
         Checkpoints are the outer loop, so a state is loaded once per call, not once per batch.
         ``keep_acts``: also the cache module's outputs (:meth:`activation_cache`), for the store.
+        ``precondition``: test triples' rows at query time, of ``P_c g_c`` (the optimizer's step,
+        :mod:`tracin_index.optimizer`): the rows, norms and kept blocks are all of the preconditioned gradients.
         """
         parts, norms, kept, acts = [], [], [], []
         self.prepare()
         batch_size = self.fit(batch_size)
+        if precondition is not None and precondition.identity:
+            precondition = None
+        if precondition is not None:
+            batch_size = max(1, min(batch_size, self.memory // (self.prepare().bytes_per_triple + precondition.bytes_per_triple)))
         for c, ckpt in enumerate(self.checkpoints):
             proj, sq, blocks_c, acts_c = [], [], [], []
             start, probe = 0, True
@@ -208,7 +216,7 @@ class Tracer:
                 t0 = self._mark()
                 # projected rows: v may come batch-innermost; kept blocks feed pair products, which want rows
                 run = self.gradients(batch, c, batch_last=not keep_blocks)
-                blocks = run.blocks
+                blocks = run.blocks if precondition is None else precondition.apply(run.blocks, c)
                 probe = run.distinct < 1.0  # rows that never share are not probed again
                 t1 = self._mark()
                 proj.append(self.projector(blocks) * math.sqrt(ckpt.lr))

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..location import StorePath
-from ..registry import FORMATS, LOSSES, MODES, PROJECTIONS
+from ..registry import FORMATS, LOSSES, MODES, OPTIMIZERS, PROJECTIONS
 from .building import _build
 from .common import (
     INDEX,
@@ -72,6 +72,7 @@ def _run_layers(use_last_layers_only: bool, num_last_layers: int | None, last_la
 @click.option("--mode", "run_mode", type=click.Choice(["single", "batch", "all", "self"]), default="single",
               show_default=True, help="single/batch/all: explain the test triples; self: rank by self-influence.")
 @choice(MODES, "Influence to rank by.", ..., "--score-mode")
+@choice(OPTIMIZERS, "The optimizer the model was trained with, whose steps the influences follow.")
 @click.option("--top-k", type=int, default=10, show_default=True)
 @click.option("--model-class", default=None, help="pykeen model name when --model-path is a state dict.")
 @click.option("--model-kwargs", default=None, help="JSON keyword arguments for --model-class.")
@@ -88,7 +89,7 @@ def _run_layers(use_last_layers_only: bool, num_last_layers: int | None, last_la
 @_user_errors(aliases={"out": "output", "mode": "score_mode", "triples": "train"})
 def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | None, relation_to_id: Path | None,
         output: Path, test_indices: str | None, use_last_layers_only: bool, num_last_layers: int | None,
-        last_layer_names: str | None, learning_rate: float | None, run_mode: str, score_mode: str, top_k: int,
+        last_layer_names: str | None, learning_rate: float | None, run_mode: str, score_mode: str, optimizer: str, top_k: int,
         model_class: str | None, model_kwargs: str | None, inverse_triples: bool | None, checkpoint_dir: Path | None,
         loss: str, projection: str, dim: int, index: StorePath | None, device: str, overwrite: bool,
         threads: int | None) -> None:
@@ -131,7 +132,7 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
         if not (index / "LATEST").exists():
             _build(bundle, index, specs, config, False, started)
         idx = open_index(index, model=bundle, checkpoints=specs, layers=layers, loss=loss,
-                         projection=config.projection, device=device)
+                         projection=config.projection, device=device, optimizer=optimizer)
         if run_mode == "self":
             ranking = idx.self_influence(min(top_k, idx.num_rows))
             records = [{"kind": "self", **asdict(i)} for i in ranking]

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ..location import StorePath
-from ..registry import FORMATS, LOSSES, MODES, SEARCHES
+from ..registry import FORMATS, LOSSES, MODES, OPTIMIZERS, SEARCHES
 from .common import (
     INDEX,
     PATH,
@@ -41,7 +41,8 @@ def _format_items(title: str, items: list[Any], exact: bool) -> list[str]:
 
 def _format_lists(header: str, result: Any) -> str:
     """A header line, then the result's lists (``top`` in abs mode, else proponents and opponents)."""
-    lines = [header + ("" if result.mode == "dot" else f"  [{result.mode}]")]
+    tags = [name for name, plain in ((result.mode, MODES.default), (result.optimizer, OPTIMIZERS.default)) if name != plain]
+    lines = [header + (f"  [{', '.join(tags)}]" if tags else "")]
     if result.mode == "abs":
         lines += _format_items("largest |influence|", result.top, result.exact)
     else:
@@ -89,6 +90,7 @@ def _ranking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--top-k", type=int, default=10, show_default=True, help="Training triples listed per end."),
         choice(MODES, "Influence to rank by."),
+        choice(OPTIMIZERS, "The optimizer the model was trained with, whose steps the influences follow."),
         click.option("--relation", "relation", multiple=True,
                      help="Only training triples with this relation (repeatable); applied before the top-K cut."),
         click.option("--neighbourhood", "--neighborhood", "neighbourhood", is_flag=True,
@@ -129,11 +131,12 @@ def parse_size(text: str | None, option: str = "--memory") -> int | None:
 
 
 def _open(index: StorePath, model: Path | None, checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None,
-          loss: str | None, device: str, search: str = "auto", memory: str | None = None) -> Any:
+          loss: str | None, device: str, search: str = "auto", memory: str | None = None,
+          optimizer: str = OPTIMIZERS.default) -> Any:
     from ..opening import open_index
 
     return open_index(index, model=model, checkpoints=_checkpoints(checkpoint, lr) if checkpoint or lr else None,
-                      layers=layers, loss=loss, device=device, search=search, memory=parse_size(memory))
+                      layers=layers, loss=loss, device=device, search=search, memory=parse_size(memory), optimizer=optimizer)
 
 
 @main.command()
@@ -149,7 +152,8 @@ def _open(index: StorePath, model: Path | None, checkpoint: tuple[Path, ...], lr
 @_index_options
 @_threads_option
 @_user_errors
-def query(index: StorePath, triple: tuple[str, ...], versus: tuple[str, ...], top_k: int, mode: str, relation: tuple[str, ...],
+def query(index: StorePath, triple: tuple[str, ...], versus: tuple[str, ...], top_k: int, mode: str, optimizer: str,
+          relation: tuple[str, ...],
           neighbourhood: bool, candidates: int | None, opponent_candidates: int | None, no_rerank: bool, predictions: int,
           unfiltered: bool, as_json: bool, model: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None, loss: str | None, device: str,
@@ -158,7 +162,7 @@ def query(index: StorePath, triple: tuple[str, ...], versus: tuple[str, ...], to
     from ..runtime import configure_threads
 
     configure_threads(threads, tune_allocator=True)
-    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory)
+    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory, optimizer)
     results = idx.query(list(triple), k=top_k, mode=mode, relations=list(relation) or None, neighbourhood=neighbourhood,
                         candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank,
                         versus=list(versus) or None, predictions=predictions, filtered=not unfiltered)
@@ -184,7 +188,8 @@ def query(index: StorePath, triple: tuple[str, ...], versus: tuple[str, ...], to
 @_index_options
 @_threads_option
 @_user_errors
-def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relation: tuple[str, ...], neighbourhood: bool,
+def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, optimizer: str, relation: tuple[str, ...],
+          neighbourhood: bool,
           candidates: int | None, opponent_candidates: int | None, no_rerank: bool, predictions: int, unfiltered: bool,
           aggregate: bool,
           test_indices: str | None, batch_size: int | None, overwrite: bool, model: Path | None, checkpoint: tuple[Path, ...],
@@ -199,7 +204,7 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, relatio
     configure_threads(threads, tune_allocator=True)
     check_output(out, overwrite)
     started = time.perf_counter()
-    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory)
+    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory, optimizer)
     triples = _test_triples(idx, test)
     positions = _parse_indices(test_indices, len(triples))
     if positions is not None:

@@ -130,7 +130,8 @@ def reference() -> str:
               '"tail": "brazil", "head_id": 9, "relation_id": 7, "tail_id": 3, "influence": 0.0129}],',
               ' "opponents": [...]}',
               "```", "",
-              "In `abs` mode the object has one list, `top`, instead of `proponents` and `opponents`. "
+              "In `abs` mode the object has one list, `top`, instead of `proponents` and `opponents`. With "
+              "`--optimizer` other than `sgd` the object names it (`\"optimizer\": \"adam\"`). "
               "`run --output FILE.json` adds `test_index` to each object; with `--mode self` it is a list of "
               "training-triple objects. `self-influence --json` prints a list of training-triple objects; "
               "`verify --json` prints `{\"build\", \"ok\", \"checks\", \"problems\"}`; `info --json` prints the "
