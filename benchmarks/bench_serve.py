@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--threads", type=int, default=2, help="the service's --threads")
     parser.add_argument("--max-concurrency", type=int, default=4, help="the service's --max-concurrency")
+    parser.add_argument("--no-batch", action="store_true", help="the service's --no-batch (each query answered alone)")
     parser.add_argument("--device", default="cpu", help="the service's --device")
     parser.add_argument("--log", type=Path, default=None, help="the service's log (default: discarded)")
     args = parser.parse_args()
@@ -201,7 +202,7 @@ def main() -> None:
         log = open(args.log, "w") if args.log else open(os.devnull, "w")
         command = [sys.executable, "-m", "tracin_index.cli", "serve", str(home), "--port", str(port),
                    "--threads", str(args.threads), "--device", args.device, "--poll", "0.5",
-                   "--max-concurrency", str(args.max_concurrency)]
+                   "--max-concurrency", str(args.max_concurrency)] + (["--no-batch"] if args.no_batch else [])
         started = time.perf_counter()
         service = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -278,7 +279,8 @@ def main() -> None:
                 service.kill()
             log.close()
 
-    print(f"\nbench_serve: {source}; service --threads {args.threads} --max-concurrency {args.max_concurrency} "
+    batching = " --no-batch" if args.no_batch else ""
+    print(f"\nbench_serve: {source}; service --threads {args.threads} --max-concurrency {args.max_concurrency}{batching} "
           f"--device {args.device}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     print("\n| measure | value |\n|---|---|")
     print(f"| cold start: process start to first /api/query answer | {cold:.2f} s |")

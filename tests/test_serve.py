@@ -199,6 +199,44 @@ def test_a_request_waits_for_its_turn_then_gets_503(home: Path) -> None:
         assert c.post("/api/query", json={"triples": ["brazil commonbloc1 india"]}).status_code == 200
 
 
+def test_queued_queries_are_answered_in_one_batch_each_as_asked_alone(home: Path, api: TracinIndex) -> None:
+    """Queries waiting on the build's thread with the same options run as one engine batch; each gets the lists it
+    gets alone (values to float32 rounding); a bad label fails only its own request; a question is answered alone."""
+    from tracin_index import InputError
+    from tracin_index.serve.holder import Served
+
+    served = Served("b", open_index(home))
+    calls: list[int] = []
+    plain_query = served.index.query
+
+    def counting(triples: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(triples))
+        return plain_query(triples, *args, **kwargs)
+
+    served.index.query = counting  # type: ignore[method-assign]
+    held = threading.Event()
+    served.submit(lambda index: held.wait(30))  # the build's thread is busy: the next requests queue up
+    asked = [["brazil commonbloc1 india", "usa intergovorgs uk"], ["egypt embassy israel"], ["brazil conferences uk"]]
+    futures = [served.query(t, k=4, mode="dot", relations=None, neighbourhood=False) for t in asked]
+    bad = served.query(["brazil commonbloc1 atlantis"], k=4, mode="dot", relations=None, neighbourhood=False)
+    question = served.query(["brazil commonbloc1 ?"], k=4, mode="dot", relations=None, neighbourhood=False)
+    other = served.query(["egypt embassy israel"], k=2, mode="dot", relations=None, neighbourhood=False)
+    held.set()
+    for triples, future in zip(asked, futures, strict=True):
+        got = future.result(30)
+        for result, alone in zip(got, api.query(triples, 4), strict=True):
+            assert result.test == alone.test
+            for mine, theirs in ((result.proponents, alone.proponents), (result.opponents, alone.opponents)):
+                assert [i.train_index for i in mine] == [i.train_index for i in theirs]
+                assert [i.influence for i in mine] == pytest.approx([i.influence for i in theirs], rel=1e-5)
+    with pytest.raises(InputError, match="atlantis"):
+        bad.result(30)
+    assert question.result(30)[0].prediction is not None
+    assert [len(r.proponents) for r in other.result(30)] == [2]
+    assert sorted(calls) == [1, 1, 4]  # the question alone, k=2 alone, the three k=4 requests in one batch
+    served.retire()
+
+
 def test_openapi_schema_lists_the_endpoints_and_bounds(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert {"/api/info", "/api/labels", "/api/query", "/api/predict", "/api/explain", "/api/contrast",

@@ -23,6 +23,8 @@ MISSING = "serve needs FastAPI: pip install 'tracin-index[serve]'"
 @choice(SEARCHES, "Candidate search.")
 @click.option("--memory", default=None, metavar="SIZE",
               help="Memory the search may hold, e.g. 512MB or 4GB (auto streams when the index would not fit).")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None,
+              help="With the build's FAISS index (--search ann): lists probed (IVF) or efSearch (HNSW).")
 @_threads_option
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests admitted at once (they take turns on the model); one more waits up to --queue-timeout, "
@@ -34,9 +36,13 @@ MISSING = "serve needs FastAPI: pip install 'tracin-index[serve]'"
 @click.option("--poll", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds between reads of INDEX/LATEST; a new build is opened in the background and swapped in "
                    "(0: keep the build opened at start).")
+@click.option("--batch/--no-batch", default=True, show_default=True,
+              help="Answer the queries waiting with the same options in one engine batch (one search and re-rank for "
+                   "all; values agree with a query asked alone to float32 rounding).")
 @_user_errors
-def serve(index: StorePath, host: str, port: int, device: str, search: str, memory: str | None, threads: int | None,
-          max_concurrency: int, queue_timeout: float, max_body: int, poll: float) -> None:
+def serve(index: StorePath, host: str, port: int, device: str, search: str, memory: str | None, nprobe: int | None,
+          threads: int | None,
+          max_concurrency: int, queue_timeout: float, max_body: int, poll: float, batch: bool) -> None:
     """Answer queries on INDEX over HTTP, with the web explorer at http://HOST:PORT/.
 
     The published build is opened once and kept warm; when INDEX/LATEST names a new build (the nightly
@@ -53,7 +59,7 @@ def serve(index: StorePath, host: str, port: int, device: str, search: str, memo
 
     from ..runtime import configure_threads
     from ..serve.app import create_app
-    from .querying import parse_size
+    from .common import parse_size
 
     # the service's own lines (builds opened and swapped) in uvicorn's format, next to its request lines
     handler = logging.StreamHandler()
@@ -64,5 +70,5 @@ def serve(index: StorePath, host: str, port: int, device: str, search: str, memo
     log.propagate = False
     configure_threads(threads, tune_allocator=True)
     app = create_app(index, max_concurrency=max_concurrency, max_body=max_body, queue_timeout=queue_timeout, poll=poll,
-                     device=device, search=search, memory=parse_size(memory))
+                     batch=batch, device=device, search=search, memory=parse_size(memory), nprobe=nprobe)
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -180,13 +181,17 @@ class Gate:
 
     def run(self, served: Served, fn: Callable[[Any], T]) -> T:
         """``fn(index)`` on ``served``'s thread; its result, or what it raised."""
+        return self.wait(lambda: served.submit(fn))
+
+    def wait(self, start: Callable[[], Future[T]]) -> T:
+        """The result of the call ``start()`` queues on a build's thread (or what it raised), once a place is free."""
         deadline = time.monotonic() + self.timeout
         busy = (f"busy: {self.limit} requests are being answered and this one waited {self.timeout:g} s; "
                 "try again (or raise the service's --max-concurrency)")
         if not self._slots.acquire(timeout=self.timeout):
             raise ServiceError(503, busy)
         try:
-            future = served.submit(fn)
+            future = start()
             try:
                 return future.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -225,6 +230,7 @@ def create_app(
     max_body: int = 65536,
     queue_timeout: float = 30.0,
     poll: float = 5.0,
+    batch: bool = True,
     **open_kwargs: Any,
 ) -> FastAPI:
     """The service over the index at ``index_location`` (an index home, followed as ``LATEST`` moves, or one
@@ -233,6 +239,8 @@ def create_app(
     The published build is opened here with ``open_index(build, **open_kwargs)`` (``device``, ``search``,
     ``memory``, ``model``, ``checkpoints``...), so a missing or mismatched index raises at once. While the
     application runs (its lifespan), ``LATEST`` is read every ``poll`` seconds and a new build is swapped in.
+    ``batch``: queries waiting with the same options are answered in one engine batch
+    (:meth:`~tracin_index.serve.holder.Served.query`); False answers each alone.
     ``app.state.current`` is the :class:`~tracin_index.serve.holder.Current`.
     """
     from ..opening import open_index
@@ -312,8 +320,11 @@ def create_app(
     @_guarded
     def query(request: Request, body: QueryRequest) -> JSONResponse:
         served = take(request)
-        results = gate.run(served, lambda index: index.query(body.triples, body.k, mode=body.mode,
-                                                             relations=body.relations, neighbourhood=body.neighbourhood))
+        options = {"k": body.k, "mode": body.mode, "relations": body.relations, "neighbourhood": body.neighbourhood}
+        if batch:  # answered with the queries queued beside it, in one engine batch
+            results = gate.wait(lambda: served.query(body.triples, **options))
+        else:
+            results = gate.run(served, lambda index: index.query(body.triples, **options))
         return _answer(served, results=[r.to_dict() for r in results])
 
     @app.post("/api/predict", summary="The model's top completions of a question (h, r, ?) or (?, r, t)")

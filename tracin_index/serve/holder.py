@@ -25,6 +25,7 @@ from ..store import latest_build, resolve
 
 if TYPE_CHECKING:
     from ..query import TracinIndex
+    from ..rankings import Results
 
 __all__ = ["Current", "Served", "Turnstile", "is_build", "settle", "summary", "warm_up"]
 
@@ -127,11 +128,58 @@ class Served:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracin-index-torch")
         self.summary = summary(index)
         self.ready = threading.Event()  # set once the search's background work is done
+        self._lock = threading.Lock()
+        self._queued: dict[str, list[tuple[list[str], dict[str, Any], Future[Results]]]] = {}  # by their options
         self._sorted: dict[str, tuple[list[str], list[str]]] = {}
 
     def submit(self, fn: Callable[[TracinIndex], T]) -> Future[T]:
         """``fn(index)`` on the build's thread, after the calls already queued there."""
         return self.worker.submit(fn, self.index)
+
+    def query(self, triples: list[str], **options: Any) -> Future[Results]:
+        """``index.query(triples, **options)`` on the build's thread, answered in one engine batch with the other
+        queries queued there with the same options: one pass for their test gradients, one search and one re-rank.
+        Values agree with the query asked alone to float32 rounding. A request whose triples do not parse gets its
+        own error; a question (``h r ?``) is answered alone."""
+        future: Future[Results] = Future()
+        with self._lock:
+            self._queued.setdefault(repr(sorted(options.items())), []).append((triples, options, future))
+        self.worker.submit(self._answer_queued)
+        return future
+
+    def _answer_queued(self) -> None:
+        from ..rankings import Results
+        from ..triples import QUESTION
+
+        with self._lock:
+            queued, self._queued = self._queued, {}
+        for group in queued.values():
+            parsed: list[tuple[Any, Future[Results]]] = []
+            for triples, options, future in group:
+                if not future.set_running_or_notify_cancel():
+                    continue  # its request gave up waiting
+                try:
+                    ids = self.index.parse(triples, questions=True)
+                    if bool(((ids[:, 0] == QUESTION) | (ids[:, 2] == QUESTION)).any()):
+                        future.set_result(self.index.query(triples, **options))
+                    else:
+                        parsed.append((ids, future))
+                except Exception as exc:
+                    future.set_exception(exc)
+            if not parsed:
+                continue
+            try:
+                import torch
+
+                results = self.index.query(torch.cat([ids for ids, _ in parsed]), **group[0][1])
+            except Exception as exc:  # the options are the same for all, and so is what they raise
+                for _, future in parsed:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for ids, future in parsed:
+                future.set_result(Results(results[start : start + len(ids)]))
+                start += len(ids)
 
     def retire(self) -> None:
         """Stop the search's background work (searches keep working). Requests that took this build before it
