@@ -1,7 +1,7 @@
 """Faithfulness evaluation: remove the facts an explanation names, retrain, and see whether the prediction goes.
 
     python pipelines/evaluate.py CONFIG [--out DIR] [--targets N] [--budget B ...] [--seeds S ...]
-        [--methods tracin,cosine,embedding,random] [--neighbourhood] [--per-target] [--checkpoints C]
+        [--methods tracin,cosine,tracin-adam,cosine-adam,embedding,random] [--neighbourhood] [--per-target] [--checkpoints C]
 
 CONFIG is a PyKEEN pipeline configuration, the JSON ``pykeen.pipeline.pipeline_from_config`` reads
 (``{"metadata": {...}, "pipeline": {"dataset": "Nations", "model": "DistMult", ...}}``), or the name of a
@@ -142,7 +142,7 @@ class Settings:
     targets: int = 20
     budgets: tuple[int, ...] = (1, 10)
     seeds: tuple[int, ...] = (0,)
-    methods: tuple[str, ...] = ("tracin", "cosine", "embedding", "random")
+    methods: tuple[str, ...] = ("tracin", "cosine", "tracin-adam", "cosine-adam", "embedding", "random")
     neighbourhood: bool = False
     per_target: bool = False
     checkpoints: int = 5
@@ -399,6 +399,10 @@ def select_random(base: Base, budget: int, settings: Settings) -> list[list[int]
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("tracin", "TracIn proponents (index.query, mode dot)", influence_selector(mode="dot")),
     Method("cosine", "TracIn proponents in cosine mode (gradient norms removed)", influence_selector(mode="cosine")),
+    Method("tracin-adam", "TracIn proponents following Adam's step (index.query, optimizer adam)",
+           influence_selector(mode="dot", optimizer="adam")),
+    Method("cosine-adam", "cosine mode following Adam's step (optimizer adam)",
+           influence_selector(mode="cosine", optimizer="adam")),
     Method("embedding", "nearest training triples by cosine of concatenated h/r/t embeddings (no gradients)",
            select_embedding),
     Method("random", "random training triples sharing an entity with the target", select_random),
@@ -716,7 +720,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     parser.add_argument("--targets", type=int, default=20, help="test triples ranked first to explain, per seed")
     parser.add_argument("--budget", type=int, nargs="+", default=[1, 10], help="facts removed per target")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the configuration's)")
-    parser.add_argument("--methods", default="tracin,cosine,embedding,random",
+    parser.add_argument("--methods", default=",".join(Settings.methods),
                         help=f"comma-separated rows, of: {', '.join(METHODS)}")
     parser.add_argument("--neighbourhood", action="store_true",
                         help="rank only training triples that share an entity with the target (tracin, cosine, embedding)")

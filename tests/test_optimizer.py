@@ -393,3 +393,27 @@ def test_cli_and_results_record_the_optimizer(conve: Run, sketched: Path, tmp_pa
     direct = index.query(conve.testing[:2], k=10)
     assert [p["influence"] for p in objects[1]["proponents"]] == pytest.approx(
         [p.influence for p in direct[1].proponents], rel=1e-5)
+
+
+def test_adam_self_influence_equals_the_loop(conve: Run, sketched: Path) -> None:
+    """Self-influence following Adam's step, ``sum_c lr_c <g_c, P_c g_c>``, is the loop's value for every indexed
+    triple, ranked largest first; plain SGD's stays the stored ``sum_c lr_c ||g_c||^2``; the CLI gives the same."""
+    index = open_index(sketched, optimizer="adam")
+    reference = Reference(conve, index)
+    terms = zip(reference.lrs, reference.factors, reference.train, strict=True)
+    adam = sum(lr * ((f[None, :] * g) * g).sum(1) for lr, f, g in terms)
+    plain = sum(lr * (g * g).sum(1) for lr, g in zip(reference.lrs, reference.train, strict=True))
+    assert isinstance(adam, torch.Tensor) and isinstance(plain, torch.Tensor)
+    row_of = {int(p): i for i, p in enumerate(index.train_index)}
+    for ranking, expected in ((index.self_influence(), adam), (index.self_influence(optimizer="sgd"), plain)):
+        assert len(ranking) == index.num_rows
+        got = np.array([item.influence for item in ranking])
+        want = expected.numpy()[[row_of[item.train_index] for item in ranking]]
+        assert got == pytest.approx(want, rel=1e-4)
+        assert np.all(np.diff(got) <= 0)
+    assert not np.allclose(np.argsort(-adam.numpy())[:20], np.argsort(-plain.numpy())[:20])
+
+    res = CliRunner().invoke(main, ["self-influence", str(sketched), "--optimizer", "adam", "--top", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [i["influence"] for i in json.loads(res.output)] == pytest.approx(
+        [i.influence for i in index.self_influence(3)], rel=1e-6)
