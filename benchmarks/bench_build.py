@@ -60,7 +60,7 @@ def synthetic_bundle(n: int, entities: int, relations: int, root: Path, inverse:
 
 def forward_floor(model, mapped: torch.Tensor, batch_size: int, both_directions: bool,  # type: ignore[no-untyped-def]
                   device: torch.device | None = None) -> float:
-    from tracin_index.model import internal_rows
+    from tracin_index.layers import internal_rows
 
     device = device or torch.device("cpu")
     model.to(device)

@@ -51,6 +51,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     from tracin_index import BuildConfig, build_index, open_index
+    from tracin_index.pairs import rerank
     from tracin_index.runtime import configure_threads
     from tracin_index.search import FaissSearcher, TorchSearcher, build_flat_index, flat_rows
 
@@ -90,7 +91,7 @@ def main() -> None:
                 t1 = time.perf_counter()
                 _, pi, _, oi = index.searcher.search(q, n_pro, n_opp)
                 t2 = time.perf_counter()
-                index._rerank(blocks, pi, oi, ts, None)
+                rerank(index.tracer, index.triples, blocks, pi, oi, ts, None, index._acts)
                 parts += [t1 - t0, t2 - t1, time.perf_counter() - t2]
         lat = np.array(latencies) * 1000
         parts = parts / args.queries * 1000

@@ -42,7 +42,7 @@ def reference(model: Any, names: list[str], triples: Any, loss: str) -> Any:
     import torch
     import torch.nn.functional as F
 
-    from tracin_index.model import fresh_representations, internal_rows
+    from tracin_index.layers import fresh_representations, internal_rows
 
     params = dict(model.named_parameters())
     for p in model.parameters():

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tracin_index.model import internal_rows
+from tracin_index.layers import internal_rows
 from tracin_index.runtime import configure_threads
 
 logging.getLogger("pykeen").setLevel(logging.ERROR)

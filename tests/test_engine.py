@@ -16,8 +16,9 @@ from tracin_index import engine as engine_module
 from tracin_index.cli import main
 from tracin_index.engine import Engine, describe_parameters
 from tracin_index.errors import InputError
+from tracin_index.layers import select_parameters
 from tracin_index.losses import get_loss
-from tracin_index.model import ModelBundle, load_checkpoints, select_parameters
+from tracin_index.model import ModelBundle, load_checkpoints
 from tracin_index.plan import probe
 from tracin_index.tracer import Tracer
 

@@ -11,8 +11,8 @@ import torch
 from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model, open_index
 from tracin_index.engine import Engine, describe_parameters
 from tracin_index.forms import OuterGrad, SharedOuterGrad, densify
+from tracin_index.layers import internal_rows, select_parameters
 from tracin_index.losses import get_loss
-from tracin_index.model import internal_rows, select_parameters
 from tracin_index.plan import probe
 
 from .conftest import Trained, exact_ends, reference_gradients

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from tracin_index import BuildConfig, ProjectionSpec, TracinError, build_index, load_model, open_index
-from tracin_index.model import ModelBundle, select_parameters
+from tracin_index.layers import select_parameters
+from tracin_index.model import ModelBundle
 
 from .conftest import reference_gradients
 

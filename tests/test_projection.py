@@ -11,8 +11,8 @@ import torch
 from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model, outer
 from tracin_index.engine import Engine, describe_parameters
 from tracin_index.forms import SharedOuterGrad, densify, inner
+from tracin_index.layers import select_parameters
 from tracin_index.losses import get_loss
-from tracin_index.model import select_parameters
 from tracin_index.plan import probe
 from tracin_index.projection import GaussianProjector, SketchProjector, _key, hash64, make_projector
 

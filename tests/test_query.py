@@ -167,7 +167,7 @@ def test_model_file_state_dict_and_label_tsv_inputs(conve_inverse: Trained, tmp_
 
 
 def test_forward_order_layers_on_default_conve(conve_demo: Trained) -> None:
-    from tracin_index.model import select_parameters
+    from tracin_index.layers import select_parameters
 
     bundle = load_model(conve_demo.directory)
     names = select_parameters(bundle.model, "last:2", bundle.triples.mapped[:2])

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from tracin_index import BuildConfig, ProjectionSpec, build_index, load_model, open_index
 from tracin_index.build import sample_rows
 from tracin_index.cli import main
-from tracin_index.model import select_parameters
+from tracin_index.layers import select_parameters
 from tracin_index.query import TracinIndex
 from tracin_index.results import write_scores
 

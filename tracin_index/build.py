@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from .errors import InputError, StoreError, arg
+from .layers import select_parameters
 from .location import StorePath, Where, location
 from .locks import BuildLock
 from .losses import DEFAULT_LOSS
-from .model import ModelBundle, load_checkpoints, select_parameters, triples_fingerprint
+from .model import ModelBundle, load_checkpoints, triples_fingerprint
 from .projection import DEFAULT_MEMORY, ProjectionSpec
 from .registry import LOSSES, STRATEGIES
 from .runtime import faiss_module, resolve_device
@@ -53,6 +54,10 @@ class BuildConfig:
     # exact re-rank skips that layer's matmul
     cache_activations: bool = True
     gradient_memory: int = GRADIENT_MEMORY  # bytes one batch's gradients and activations may take
+    # a FAISS index_factory string (inner product): the approximate index stored in the build (tracin_index.ann)
+    faiss: str | None = None
+    faiss_sample: int = 65536  # rows it is trained on (a seeded sample)
+    faiss_seed: int = 0
 
     def check(self) -> None:
         """Refuse any setting outside its range or its registry, in one line naming the argument."""
@@ -63,7 +68,7 @@ class BuildConfig:
         if not (0.0 < self.sample_rate <= 1.0):
             raise InputError(f"{arg('sample_rate', self.sample_rate)} is out of range; choose a fraction in (0, 1]")
         STRATEGIES.check(self.stratify)
-        for name in ("batch_size", "unit_rows", "gradient_memory"):
+        for name in ("batch_size", "unit_rows", "gradient_memory", "faiss_sample"):
             if getattr(self, name) < 1:
                 raise InputError(f"{arg(name, getattr(self, name))} must be at least 1")
 
@@ -209,6 +214,11 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
         "activation_cache": cache,
         "schema_version": SCHEMA_VERSION,
     }
+    if config.faiss:
+        from .ann import check_spec
+
+        check_spec(config.faiss, tracer.width)
+        identity["faiss"] = {"spec": config.faiss, "sample": config.faiss_sample, "seed": config.faiss_seed}
     identity_sha = _digest(identity)
     layout = {"batch_size": config.batch_size, "unit_rows": config.unit_rows, "device": str(device),
               "gradient_memory": config.gradient_memory}
@@ -290,10 +300,25 @@ def _finish(out: StorePath, store: Store, timings: dict[str, Any], lock: BuildLo
         store.set_attrs(status="failed")  # never resumed: the next run starts a fresh build
         raise StoreError(f"build {store.path.name} failed its verification ({problems[0]}); run the build again "
                          "(it starts afresh; 'tracin-index gc --incomplete' removes the failed one)")
+    if store.attrs.get("faiss"):
+        _add_faiss(store, timings)
     if lock is not None:
         lock.check()  # an object lock whose lease lapsed meanwhile: another builder owns the index now
     store.set_attrs(status="complete", timings=timings)
     publish(out, store.path)
+
+
+def _add_faiss(store: Store, timings: dict[str, Any]) -> None:
+    """Train the build's FAISS index on its seeded sample, add every row, and store it with its sha256 (once every
+    unit is done: a resumed or sharded build does this at its end, like the verification)."""
+    from .ann import build_faiss
+
+    t0 = time.perf_counter()
+    info = {k: v for k, v in store.attrs["faiss"].items() if k in ("spec", "sample", "seed")}
+    data = build_faiss(store, info["spec"], info["sample"], info["seed"])
+    store.write_blob("faiss", data)
+    store.set_attrs(faiss={**info, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    timings["faiss_s"] = round(time.perf_counter() - t0, 3)
 
 
 def _sweep_partials(store: Store) -> None:

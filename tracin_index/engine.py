@@ -30,9 +30,9 @@ from torch.func import functional_call, grad, vmap
 from .errors import InputError, arg
 from .fold import FoldedSequential, fold
 from .forms import DenseGrad, GradBlock, OuterGrad, RowsGrad, SharedOuterGrad, TrackedParam
+from .layers import fresh_representations, internal_rows, representation_caches
 from .linalg import cat_parts
 from .losses import Loss
-from .model import fresh_representations, internal_rows, representation_caches
 from .plan import PLAIN, Plan, RunState, plan_forwards
 
 __all__ = ["Engine", "Pass", "Trace", "describe_parameters", "patched"]

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 
 from .errors import IndexMismatchError
+from .layers import select_parameters
 from .location import Where, location
-from .model import Checkpoint, ModelBundle, TriplesData, load_checkpoints, load_model, select_parameters, triples_fingerprint
+from .model import Checkpoint, ModelBundle, TriplesData, load_checkpoints, load_model, triples_fingerprint
 from .projection import ProjectionSpec
 from .query import TracinIndex
 from .registry import OPTIMIZERS
@@ -36,6 +37,7 @@ def open_index(
     search: str = "auto",
     memory: int | None = None,
     optimizer: str = OPTIMIZERS.default,
+    nprobe: int | None = None,
 ) -> TracinIndex:
     """Open a built index with the model it was built from (or ``model``), refusing any mismatch.
 
@@ -45,7 +47,9 @@ def open_index(
     installed; a stream from the store when the rows do not fit in memory), ``torch`` (the scan; on the CPU, ad-hoc
     queries go through an int8 copy of the rows first), ``full`` (the scan without that prefilter), ``faiss`` or
     ``stream`` (exact, one block
-    of at most ``memory`` bytes in RAM at a time: stores larger than memory). ``memory``: the bytes the
+    of at most ``memory`` bytes in RAM at a time: stores larger than memory), ``ann`` (the build's FAISS index,
+    ``build --faiss``; ``auto`` takes it from 1M rows). ``nprobe``: the FAISS index's ``nprobe`` (IVF) or
+    ``efSearch`` (HNSW), None for its built-in value. ``memory``: the bytes the
     search may hold (default: the in-memory index if it fits in half the available RAM, else 256 MiB blocks).
     ``optimizer``: the training optimizer whose step the influences follow (:data:`~tracin_index.registry.OPTIMIZERS`),
     the default of every query; another one may be asked per query. ``adam`` needs each checkpoint's Adam state
@@ -102,4 +106,4 @@ def open_index(
     tracer = Tracer(bundle, ckpts, names, attrs["loss"], spec, resolve_device(device))
     ent, rel = store.labels()
     labels = TriplesData(mapped=bundle.triples.mapped, entity_labels=ent, relation_labels=rel)
-    return TracinIndex(store, tracer, labels, search, memory, optimizer=optimizer)
+    return TracinIndex(store, tracer, labels, search, memory, optimizer=optimizer, nprobe=nprobe)

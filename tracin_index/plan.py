@@ -264,7 +264,7 @@ def _silent_zeros(engine: Engine, blocks: list[GradBlock], batch_grads: list[tor
             if (full is None or float((full * full).sum()) == 0) and not bool((blk.sq_norms() > 0).any())]
     if not zero:
         return []
-    from .model import internal_rows
+    from .layers import internal_rows
 
     with torch.no_grad():
         rows, _ = internal_rows(engine.model, triples.to(engine.device))

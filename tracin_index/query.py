@@ -4,12 +4,13 @@ One engine serves the ad-hoc ``query``, the bulk ``score`` and the set-level ``a
 triples are processed in batches (gradients computed once per batch, never per triple), candidates are
 retrieved for both ends by one exact scan (masked or weighted for filters and the cosine mode), and
 the batch's (test, candidate) pairs are re-ranked by exact TracIn train-major: each distinct
-candidate's gradient once per batch, only the asked products.
+candidate's gradient once per batch, only the asked products (:mod:`.pairs`). A question ``h r ?`` becomes
+the model's own top completions (:mod:`.questions`) before it is explained; a contrastive question is the
+same engine on the score margin. Rankings are built by :class:`~tracin_index.rankings.RowTable`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,8 @@ import torch
 
 from .errors import InputError, arg
 from .optimizer import Preconditioner
+from .pairs import distinct_inverse, rerank
+from .questions import Predictions, with_predictions
 from .rankings import (
     TEST_COLUMNS,
     TRAIN_COLUMNS,
@@ -27,9 +30,8 @@ from .rankings import (
     QueryResult,
     Ranking,
     Results,
+    RowTable,
     ScoreSettings,
-    _influence,
-    _ranked,
     default_candidates,
     self_influence_ranking,
 )
@@ -57,17 +59,6 @@ def _reciprocal(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _distinct_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(a, return_inverse=True)`` for a 1-D int array, by one stable sort: numpy 2's ``unique``
-    hashes first, which is much slower on int64 keys, above all on a bulk batch's millions of them."""
-    order = np.argsort(a, kind="stable")
-    ranked = a[order]
-    first = np.r_[True, ranked[1:] != ranked[:-1]] if len(ranked) else np.zeros(0, dtype=bool)
-    inverse = np.empty(len(a), dtype=np.int64)
-    inverse[order] = np.cumsum(first) - 1
-    return ranked[first], inverse
-
-
 class TracinIndex:
     """A built index, opened with the model and checkpoints it was built from.
 
@@ -77,23 +68,23 @@ class TracinIndex:
     """
 
     def __init__(self, store: Store, tracer: Tracer, labels: TriplesData, search_backend: str = "auto",
-                 memory: int | None = None, *, optimizer: str = OPTIMIZERS.default) -> None:
+                 memory: int | None = None, *, optimizer: str = OPTIMIZERS.default, nprobe: int | None = None) -> None:
         self.store = store
         self.tracer = tracer
         self.labels = labels
-        self._triple_ids = store.read("triples").astype(np.int64)
-        self.triples = torch.from_numpy(self._triple_ids)
+        triple_ids = store.read("triples").astype(np.int64)
+        self.triples = torch.from_numpy(triple_ids)
         self.train_index = store.read("train_index").astype(np.int64)
+        self.table = RowTable(triple_ids, self.train_index, labels.entity_labels, labels.relation_labels)
         # built from the rows, every chunk's checksum checked: the blocked scan (float32 on the CPU, float16 on a GPU)
-        self.searcher = make_searcher(store, tracer.device, search_backend, memory)
+        self.searcher = make_searcher(store, tracer.device, search_backend, memory, nprobe)
         self._inv_norms = _reciprocal(store.read("norms").astype(np.float32))  # (N, C): the cosine mode's row scale
         self._acts = self._load_acts()
         self._per_test_bytes: dict[str, int] = {}  # per optimizer: a test triple's gradient blocks
         self._preconditioners: dict[str, Preconditioner] = {}
         self.optimizer = self.preconditioner(optimizer).name  # the queries' default, its checkpoints' state checked now
-        # the trained model's own state (the tracer loads checkpoints into the same module): it ranks predictions
-        self._model_state = {k: v.detach().clone() for k, v in tracer.model.state_dict().items()}
-        self._known: dict[tuple[int, int], np.ndarray] | None = None
+        self.predictions = Predictions(tracer, labels)  # the trained model's own completions of questions
+        self._self_influence: dict[str, np.ndarray] = {}  # per optimizer whose values are not stored
 
     def _load_acts(self) -> tuple[str, torch.Tensor] | None:
         """The build's activation cache (module name, ``(N, C*R*out)`` float32) when it has one and it fits
@@ -244,67 +235,11 @@ class TracinIndex:
         if s.rerank:
             if progress is not None:
                 progress(0.45)
-            pv, ov = self._rerank(blocks, pi, oi, test_scale, row_scale,
-                                  None if progress is None else (lambda f: progress(0.45 + 0.55 * f)))
+            pv, ov = rerank(self.tracer, self.triples, blocks, pi, oi, test_scale, row_scale, self._acts,
+                            None if progress is None else (lambda f: progress(0.45 + 0.55 * f)))
         else:
             pv, ov = ps, os_
-        return Results(self._results(test, s, pi, pv, oi, ov))
-
-    def _rerank(self, blocks: list[Any], pi: np.ndarray, oi: np.ndarray, test_scale: torch.Tensor | None,
-                row_scale: np.ndarray | None, progress: Callable[[float], None] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact values of every (test, candidate) pair, train-major: each candidate's gradient once per batch.
-
-        Only the asked pairs are computed (:meth:`Tracer.exact_pairs`), not the tests x union matrix, so a
-        large batch of tests costs its pairs plus one gradient per distinct candidate: the bigger the
-        batch, the more tests share each recomputed training gradient.
-        """
-        m = pi.shape[0]
-        cand = np.concatenate([pi, oi], axis=1)
-        valid = cand >= 0
-        # (row, test) pairs, asked once or twice, sorted by row then test; each asked place's pair among them
-        keys, pair_of = _distinct_inverse((cand.astype(np.int64) * m + np.arange(m)[:, None])[valid])
-        at = np.zeros(cand.shape, dtype=np.int64)
-        at[valid] = pair_of
-        rows, tests = keys // m, keys % m
-        union, pair_train = _distinct_inverse(rows)
-        values = self.tracer.exact_pairs(
-            blocks, self.triples[torch.from_numpy(union)], torch.from_numpy(tests), torch.from_numpy(pair_train),
-            test_scale=test_scale, train_scale=None if row_scale is None else torch.from_numpy(row_scale[union]),
-            progress=progress, train_acts=None if self._acts is None else (self._acts[0], self._acts[1][union]),
-        ).numpy()
-
-        # each (test, candidate)'s exact value; 0 for the -1 of a missing place
-        got = np.where(valid, values[at] if len(values) else 0.0, 0.0).astype(np.float32)
-        return got[:, : pi.shape[1]], got[:, pi.shape[1] :]
-
-    def _results(self, test: torch.Tensor, s: ScoreSettings, pi: np.ndarray, pv: np.ndarray, oi: np.ndarray,
-                 ov: np.ndarray) -> list[QueryResult]:
-        """The rankings of tests ``(M, 3)`` from their candidates' ids and values per end ``(M, n)``."""
-        ent, rel = self.labels.entity_labels, self.labels.relation_labels
-        common: list[dict[str, Any]] = [
-            {"test": {"head": ent[h], "relation": rel[r], "tail": ent[t]}, "test_ids": (h, r, t), "mode": s.mode,
-             "exact": s.rerank, "optimizer": s.optimizer} for h, r, t in test.tolist()]
-        if s.mode == "abs":
-            out = []
-            for m, c in enumerate(common):
-                merged = {int(i): float(v) for v, i in zip(np.r_[pv[m], ov[m]], np.r_[pi[m], oi[m]], strict=True) if i >= 0}
-                top = sorted(((v, i) for i, v in merged.items()), key=lambda x: (-abs(x[0]), x[1]))[: s.k]
-                values, ids = np.array([v for v, _ in top], dtype=np.float64), np.array([i for _, i in top], dtype=np.int64)
-                out.append(QueryResult(top=self._entries(values[None], ids[None], np.array([len(top)]))[0], **c))
-            return out
-        pro = self._entries(*_ranked(pv, pi, 1.0, s.k))
-        opp = self._entries(*_ranked(ov, oi, -1.0, s.k))
-        return [QueryResult(proponents=p, opponents=o, **c) for p, o, c in zip(pro, opp, common, strict=True)]
-
-    def _entries(self, values: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> list[list[Influence]]:
-        """Per row of ``(M, n)`` ranked places, its first ``counts[m]`` as entries (ids and positions gathered
-        once for all)."""
-        safe = np.maximum(rows, 0)
-        triples, positions, scores = self._triple_ids[safe].tolist(), self.train_index[safe].tolist(), values.tolist()
-        ent, rel = self.labels.entity_labels, self.labels.relation_labels
-        return [[_influence(j + 1, pos[j], ent[h], rel[r], ent[t], h, r, t, sc[j]) for j, (h, r, t) in enumerate(trip[:c])]
-                for trip, pos, sc, c in zip(triples, positions, scores, counts.tolist(), strict=True)]
+        return Results(self.table.results(test.tolist(), s, pi, pv, oi, ov))
 
     # ------------------------------------------------------------------ public rankings
 
@@ -349,57 +284,12 @@ class TracinIndex:
         num_entities = len(self.labels.entity_labels)
         if not 1 <= n <= num_entities:
             raise InputError(f"{arg('n', n)} is out of range; choose 1..{num_entities} (the entities)")
-        return self._predict(q, n, filtered)[0]
-
-    def _predict(self, questions: torch.Tensor, n: int, filtered: bool) -> list[list[dict[str, Any]]]:
-        """Top-``n`` completions of each question ``(Q, 3)`` (one ``QUESTION`` end each), by the trained model."""
-        ent, rel = self.labels.entity_labels, self.labels.relation_labels
-        out = []
-        with torch.no_grad(), self.tracer.with_state(self._model_state) as module:
-            model: Any = module
-            for h, r, t in questions.tolist():
-                target = "tail" if t == QUESTION else "head"
-                pair = torch.tensor([[h, r]] if target == "tail" else [[r, t]], device=self.tracer.device)
-                scores = (model.predict_t(pair) if target == "tail" else model.predict_h(pair))[0].float().cpu()
-                if filtered:
-                    scores[torch.from_numpy(self._known_ends(h if target == "tail" else t, r, target))] = -math.inf
-                order = torch.sort(-scores, stable=True).indices[:n]
-                order = order[torch.isfinite(scores[order])]
-                text = f"{ent[h]} {rel[r]} ?" if target == "tail" else f"? {rel[r]} {ent[t]}"
-                out.append([{"target": target, "question": text, "label": ent[i], "id": i,
-                             "score": float(scores[i]), "rank": j + 1, "filtered": filtered}
-                            for j, i in enumerate(order.tolist())])
-        return out
-
-    def _known_ends(self, entity: int, relation: int, target: str) -> np.ndarray:
-        """Entities at the asked end of the known training triples with this relation and other end."""
-        mapped = self.labels.mapped.numpy()
-        if target == "tail":
-            return mapped[(mapped[:, 0] == entity) & (mapped[:, 1] == relation), 2]
-        return mapped[(mapped[:, 2] == entity) & (mapped[:, 1] == relation), 0]
+        return self.predictions.top(q, n, filtered)[0]
 
     def resolve(self, test: Any, s: ScoreSettings) -> tuple[torch.Tensor, list[dict[str, Any] | None], np.ndarray]:
         """Test triples with each question replaced by its top ``s.predictions`` completions: the triples
         ``(M', 3)``, each one's prediction (None for a given triple) and the position of its line in ``test``."""
-        t = self.parse(test, questions=True)
-        asked = ((t[:, 0] == QUESTION) | (t[:, 2] == QUESTION)).numpy()
-        if not asked.any():
-            return t, [None] * len(t), np.arange(len(t))
-        answers = iter(self._predict(t[torch.from_numpy(asked)], s.predictions, s.filtered))
-        rows: list[tuple[int, int, int]] = []
-        info: list[dict[str, Any] | None] = []
-        origin: list[int] = []
-        for m, (h, r, tail) in enumerate(t.tolist()):
-            if not asked[m]:
-                rows.append((h, r, tail))
-                info.append(None)
-                origin.append(m)
-                continue
-            for p in next(answers):
-                rows.append((p["id"], r, tail) if p["target"] == "head" else (h, r, p["id"]))
-                info.append(p)
-                origin.append(m)
-        return torch.tensor(rows, dtype=torch.long).reshape(-1, 3), info, np.asarray(origin, dtype=np.int64)
+        return self.predictions.resolve(self.parse(test, questions=True), s.predictions, s.filtered)
 
     def explain_prediction(self, question: Any, *, predictions: int = 1, k: int = 10, filtered: bool = True,
                            mode: str = "dot", **options: Any) -> Results:
@@ -435,13 +325,14 @@ class TracinIndex:
         ps, pi, os_, oi = self._retrieve(rows[:m] - rows[m:], s, self._mask(t, s), None)
         if s.rerank:
             with torch.no_grad():
-                pv, ov = self._rerank(r.blocks, np.concatenate([pi, pi]), np.concatenate([oi, oi]), None, None)
+                pv, ov = rerank(self.tracer, self.triples, r.blocks, np.concatenate([pi, pi]), np.concatenate([oi, oi]),
+                                acts=self._acts)
             pv, ov = pv[:m] - pv[m:], ov[:m] - ov[m:]
         else:
             pv, ov = ps, os_
         ent, rel = self.labels.entity_labels, self.labels.relation_labels
         return Results(replace(res, versus={"head": ent[h], "relation": rel[r_], "tail": ent[t_]})
-                       for res, (h, r_, t_) in zip(self._results(t, s, pi, pv, oi, ov), alt.tolist(), strict=True))
+                       for res, (h, r_, t_) in zip(self.table.results(t.tolist(), s, pi, pv, oi, ov), alt.tolist(), strict=True))
 
     def bulk_batch_size(self, n_tests: int, settings: ScoreSettings | None = None, memory: int = BULK_MEMORY,
                         *, requested: int | None = None) -> int:
@@ -527,7 +418,7 @@ class TracinIndex:
         ps, pi, os_, oi = self._retrieve(q_sum, s, self._mask(None, s), row_scale)
         pi, ps, oi, os_ = pi[0], ps[0], oi[0], os_[0]
         if rerank:
-            union = _distinct_inverse(np.concatenate([pi[pi >= 0], oi[oi >= 0]]))[0]
+            union = distinct_inverse(np.concatenate([pi[pi >= 0], oi[oi >= 0]]))[0]
             exact = np.zeros(len(union), dtype=np.float64)
             for b0 in range(0, len(t), batch_size):
                 if len(union) == 0:
@@ -544,26 +435,31 @@ class TracinIndex:
             if len(union):
                 ps = exact[np.searchsorted(union, np.maximum(pi, 0))]
                 os_ = exact[np.searchsorted(union, np.maximum(oi, 0))]
-        r = self._results(torch.zeros(1, 3, dtype=torch.long), s, pi[None], ps[None], oi[None], os_[None])[0]
+        r = self.table.results([[0, 0, 0]], s, pi[None], ps[None], oi[None], os_[None])[0]
         return AggregateResult(mode=mode, num_test=len(t), proponents=r.proponents, opponents=r.opponents, top=r.top,
                                exact=rerank, optimizer=s.optimizer)
 
-    def self_influence(self, top: int | None = None) -> Ranking:
-        """Indexed training triples ranked by exact self-influence ``sum_c lr_c ||g_c||^2`` (largest first).
+    def self_influence(self, top: int | None = None, *, optimizer: str | None = None, batch_size: int = 1024) -> Ranking:
+        """Indexed training triples ranked by exact self-influence ``sum_c lr_c <g_c, P_c g_c>`` (largest first).
 
         High self-influence marks triples the model found hard: mislabelled or noisy ones rank high.
-        ``top``: how many (None = all). Ties are broken by training position.
+        ``top``: how many (None = all). Ties are broken by training position. ``optimizer`` (None: the index's):
+        whose step ``P_c`` is; plain SGD's (``P = 1``, ``sum_c lr_c ||g_c||^2``) is stored by the build, another
+        one's is computed once for every indexed triple (a pass over their gradients, like a build's) and kept.
         """
-        return self_influence_ranking(self.store, top)
-
-
-def with_predictions(results: Results, answers: list[dict[str, Any] | None], origin: np.ndarray | None = None) -> Results:
-    """``results`` with each one's prediction (from :meth:`TracinIndex.resolve`) attached, and with ``origin``
-    their positions in the input."""
-    out = Results(r if p is None else replace(r, prediction=p) for r, p in zip(results, answers, strict=True))
-    if origin is not None and any(p is not None for p in answers):
-        out.positions = [int(i) for i in origin]
-    return out
+        p = self.preconditioner(optimizer)
+        if p.identity:
+            return self_influence_ranking(self.store, top)
+        if p.name not in self._self_influence:
+            values = np.empty(self.num_rows, dtype=np.float64)
+            for b0 in range(0, self.num_rows, batch_size):
+                batch = self.triples[b0 : b0 + batch_size]
+                pairs = torch.arange(len(batch))
+                with torch.no_grad():
+                    blocks = self.tracer.rows(batch, keep_blocks=True, precondition=p).blocks
+                    values[b0 : b0 + len(batch)] = self.tracer.exact_pairs(blocks, batch, pairs, pairs).numpy()
+            self._self_influence[p.name] = values
+        return self_influence_ranking(self.store, top, self._self_influence[p.name])
 
 
 def __getattr__(name: str) -> object:

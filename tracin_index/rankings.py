@@ -268,10 +268,52 @@ def _influence(rank: int, train_index: int, head: str, relation: str, tail: str,
     return item
 
 
-def self_influence_ranking(index: Store | Where, top: int | None = None) -> Ranking:
-    """:meth:`TracinIndex.self_influence` from the store alone (no model needed: the values are stored)."""
+@dataclass(frozen=True)
+class RowTable:
+    """What turns index rows into ranking entries: each row's raw-id triple ``(N, 3)``, its position in the
+    training triples, and the labels."""
+
+    triples: np.ndarray
+    train_index: np.ndarray
+    entity_labels: list[str]
+    relation_labels: list[str]
+
+    def entries(self, values: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> list[list[Influence]]:
+        """Per row of ``(M, n)`` ranked places, its first ``counts[m]`` as entries (ids and positions gathered
+        once for all)."""
+        safe = np.maximum(rows, 0)
+        triples, positions, scores = self.triples[safe].tolist(), self.train_index[safe].tolist(), values.tolist()
+        ent, rel = self.entity_labels, self.relation_labels
+        return [[_influence(j + 1, pos[j], ent[h], rel[r], ent[t], h, r, t, sc[j]) for j, (h, r, t) in enumerate(trip[:c])]
+                for trip, pos, sc, c in zip(triples, positions, scores, counts.tolist(), strict=True)]
+
+    def results(self, test: list[list[int]], s: ScoreSettings, pi: np.ndarray, pv: np.ndarray, oi: np.ndarray,
+                ov: np.ndarray) -> list[QueryResult]:
+        """The rankings of raw-id test triples from their candidates' row ids and values per end ``(M, n)``
+        (-1: no candidate): proponents and opponents, or ``top`` by magnitude in the abs mode."""
+        ent, rel = self.entity_labels, self.relation_labels
+        common: list[dict[str, Any]] = [
+            {"test": {"head": ent[h], "relation": rel[r], "tail": ent[t]}, "test_ids": (h, r, t), "mode": s.mode,
+             "exact": s.rerank, "optimizer": s.optimizer} for h, r, t in test]
+        if s.mode == "abs":
+            out = []
+            for m, c in enumerate(common):
+                merged = {int(i): float(v) for v, i in zip(np.r_[pv[m], ov[m]], np.r_[pi[m], oi[m]], strict=True) if i >= 0}
+                top = sorted(((v, i) for i, v in merged.items()), key=lambda x: (-abs(x[0]), x[1]))[: s.k]
+                values, ids = np.array([v for v, _ in top], dtype=np.float64), np.array([i for _, i in top], dtype=np.int64)
+                out.append(QueryResult(top=self.entries(values[None], ids[None], np.array([len(top)]))[0], **c))
+            return out
+        pro = self.entries(*_ranked(pv, pi, 1.0, s.k))
+        opp = self.entries(*_ranked(ov, oi, -1.0, s.k))
+        return [QueryResult(proponents=p, opponents=o, **c) for p, o, c in zip(pro, opp, common, strict=True)]
+
+
+def self_influence_ranking(index: Store | Where, top: int | None = None, values: np.ndarray | None = None) -> Ranking:
+    """:meth:`TracinIndex.self_influence` from the store alone (no model needed: the values are stored), or
+    the rows ranked by ``values`` (one per row) when given."""
     store = index if isinstance(index, Store) else Store.open(index)
-    values = store.read("self_influence").astype(np.float64)
+    if values is None:
+        values = store.read("self_influence").astype(np.float64)
     if top is not None and not 1 <= top <= len(values):
         raise InputError(f"{arg('top', top)} is out of range; choose 1..{len(values)} (the indexed training triples)")
     train_index = store.read("train_index").astype(np.int64)

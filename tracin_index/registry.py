@@ -111,14 +111,16 @@ OPTIMIZERS = Registry("Optimizers", "optimizer", [
 ])
 
 SEARCHES = Registry("Search backends", "search", [
-    Entry("auto", "the scan in memory, streamed from the store when the rows would not fit; FAISS on a GPU with "
-          "faiss-gpu", "", {"scan": False}),
+    Entry("auto", "the scan in memory, streamed from the store when the rows would not fit; the build's FAISS "
+          "index from 1M rows or when the rows would not fit; FAISS on a GPU with faiss-gpu", "", {"scan": False}),
     Entry("torch", "a blocked exact scan of the rows in memory, with an int8 prefilter for a few queries on the CPU", "",
           {"scan": True}),
     Entry("full", "the blocked scan without the int8 prefilter: every query reads every row", "", {"scan": True}),
     Entry("faiss", "FAISS IndexFlatIP over the rows (faiss-gpu on a GPU when installed)", "", {"scan": False}),
     Entry("stream", "the blocked scan read from the store block by block (indexes larger than memory)", "",
           {"scan": False}),
+    Entry("ann", "the build's FAISS index (build --faiss): its compact codes in memory, both ends searched, "
+          "candidates re-ranked exactly", "", {"scan": False}),
 ])
 
 FORMATS = Registry("Output formats", "out", [

@@ -22,7 +22,8 @@ import torch
 from .atomic import replacing
 from .errors import InputError, StoreError, arg
 from .model import triples_fingerprint
-from .query import ScoreSettings, TracinIndex, with_predictions
+from .query import ScoreSettings, TracinIndex
+from .questions import with_predictions
 from .rankings import COLUMN_TYPES, result_columns
 from .registry import FORMATS, format_for
 

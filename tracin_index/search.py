@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .errors import InputError, arg
 from .int8 import (
     INT8_MAX_WIDTH,
     PACK_MIN_ROWS,
@@ -52,6 +53,7 @@ __all__ = ["BACKENDS", "PREFILTER_QUERIES", "FaissSearcher", "Int8Rows", "Search
 
 Mask = Callable[[int, int], torch.Tensor | None]
 BACKENDS = SEARCHES.names
+ANN_MIN_ROWS = 1_000_000  # from here ``auto`` searches the build's FAISS index, when it has one
 SCORE_COPIES = 3  # float32 copies of a block's scores alive at once in scan_blocks (scores, signed, masked)
 
 
@@ -342,12 +344,23 @@ class StreamSearcher(Searcher):
         return _in_query_chunks(q, self.query_chunk, mask, one_chunk)  # one read of the store per chunk
 
 
-def make_searcher(store: Store, device: torch.device, backend: str = "auto", memory: int | None = None) -> Searcher:
+def make_searcher(store: Store, device: torch.device, backend: str = "auto", memory: int | None = None,
+                  nprobe: int | None = None) -> Searcher:
     """The search backend for ``device``: ``auto`` (see the module docstring), ``torch`` (the scan, with the int8
-    prefilter for ad-hoc queries on the CPU), ``full`` (the scan without it), ``faiss`` or ``stream``."""
+    prefilter for ad-hoc queries on the CPU), ``full`` (the scan without it), ``faiss``, ``stream`` or ``ann`` (the
+    build's FAISS index, searched with ``nprobe``: :mod:`tracin_index.ann`)."""
     SEARCHES.check(backend)
     on_gpu = device.type == "cuda"
+    has_ann = bool(store.attrs.get("faiss"))
+    if backend == "ann" and not has_ann:
+        raise InputError(f"{store.path.name} has no FAISS index, so {arg('search', 'ann')} cannot search it; build it "
+                         f"with {arg('faiss')} (e.g. IVF1024,SQ8) or choose another search")
     prefilter = (backend == "torch" or (backend == "auto" and store.num_rows >= INT8_MIN_ROWS)) and not on_gpu
+    if backend == "ann" or (backend == "auto" and has_ann and not on_gpu and (
+            store.num_rows >= ANN_MIN_ROWS or not _fits_in_memory(store, memory, prefilter))):
+        from .ann import AnnSearcher, load_faiss
+
+        return AnnSearcher(load_faiss(store), StreamSearcher(store, memory or 256 * 2**20, device), nprobe)
     if backend == "stream" or (backend == "auto" and not _fits_in_memory(store, memory, prefilter)):
         return StreamSearcher(store, memory or 256 * 2**20, device)
     faiss = faiss_module() if on_gpu or backend == "faiss" else None

@@ -23,6 +23,8 @@ is a sibling they never see. Layout of one build::
     acts/                (N, C*R*out) float32, optional: the first tracked Linear's outputs (attribute
                          ``activation_cache``), which the exact re-rank takes instead of recomputing them
     done/                (U,) bool, one flag (one chunk) per write unit
+    faiss/               (B,) uint8, optional: the serialised FAISS index of ``build --faiss`` (attribute
+                         ``faiss``: its spec, training sample, seed, sha256), written once every unit is done
 
 The search table is built in memory from the rows when an index is opened (reading every chunk,
 so through its checksum); no second copy of the rows is kept on disk that could disagree with them.
@@ -228,6 +230,20 @@ class Store:
         for start in range(0, self.num_rows, block):
             part = self.read(name, start, min(self.num_rows, start + block))
             yield start, part.astype(np.float32) if float32 else part
+
+    def write_blob(self, name: str, data: bytes, chunk: int = 64 * 2**20) -> None:
+        """Bytes as a 1-D uint8 array ``name`` (replaced if there), crc32c per chunk of ``chunk`` bytes."""
+        if name in self.group:
+            del self.group[name]
+            self._arrays.pop(name, None)
+        arr = self.group.create_array(name, shape=(len(data),), chunks=(max(1, min(chunk, len(data))),), dtype="uint8",
+                                      **_codecs())
+        arr[:] = np.frombuffer(data, dtype=np.uint8)
+        self._arrays[name] = arr
+
+    def read_blob(self, name: str) -> bytes:
+        """What :meth:`write_blob` wrote, checksums checked."""
+        return self.read(name).tobytes()
 
     def labels(self) -> tuple[list[str], list[str]]:
         return ([str(x) for x in self.read("entity_labels")], [str(x) for x in self.read("relation_labels")])

@@ -6,6 +6,7 @@ checks against the model, checkpoints and training triples the store records.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,12 +156,29 @@ def verify(path: Where, *, check_model: bool = True) -> VerifyReport:
     report.problems += verify_rows(store)
     report.checks.append(f"{len(ARRAYS)} arrays, every chunk present and its crc32c, {a.get('num_units')} done flags, "
                          f"{a.get('num_rows')} rows")
+    if a.get("faiss"):
+        report.problems += _check_faiss(store)
+        report.checks.append(f"FAISS index {a['faiss']['spec']}: its chunks' crc32c and its sha256")
     if check_model and not report.problems:
         try:
             report.problems += _check_fingerprints(store, report)
         except StoreError as exc:
             report.problems.append(str(exc))
     return report
+
+
+def _check_faiss(store: Store) -> list[str]:
+    """The stored FAISS index is there, whole, and the one whose sha256 the build recorded."""
+    info = store.attrs["faiss"]
+    if "faiss" not in store.group or "sha256" not in info:
+        return [f"the FAISS index {info.get('spec')!r} is missing"]
+    try:
+        data = store.read_blob("faiss")
+    except StoreError as exc:
+        return [str(exc).split(": ", 1)[-1]]
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        return ["the FAISS index does not match its recorded sha256"]
+    return []
 
 
 def _check_fingerprints(store: Store, report: VerifyReport) -> list[str]:

@@ -8,7 +8,6 @@ from their modules: :mod:`.building` (build), :mod:`.querying` (query, score, se
 from __future__ import annotations
 
 from . import building, maintenance, oneshot, querying, serving
-from .common import main
-from .querying import parse_size
+from .common import main, parse_size
 
 __all__ = ["building", "main", "maintenance", "oneshot", "parse_size", "querying", "serving"]

@@ -52,6 +52,11 @@ from .common import (
 @click.option("--gradient-memory", default="4GiB", show_default=True, metavar="SIZE",
               help="Memory one batch's gradients and activations may take; batches shrink to fit it, and a model whose "
                    "single triple does not fit is refused.")
+@click.option("--faiss", "faiss_spec", default=None, metavar="SPEC",
+              help="Also store a FAISS index of the rows: an index_factory string with inner product (e.g. IVF1024,SQ8, "
+                   "HNSW32,SQ8), trained on a seeded sample; queries search its compact codes (--search ann; auto "
+                   "from 1M rows).")
+@click.option("--faiss-sample", type=int, default=65536, show_default=True, help="Rows the FAISS index is trained on.")
 @click.option("--force", is_flag=True, help="Rebuild even when the published build has the same inputs and settings.")
 @click.option("--prepare", is_flag=True,
               help="Distributed builds, step 1 (once): create the build and its attributes, compute nothing.")
@@ -70,7 +75,7 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: StorePath, layers: str,
           loss: str, projection: str, dim: int, seed: int, batch_size: int, device: str, sample_rate: float,
           stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, cache_activations: bool, gradient_memory: str,
-          force: bool,
+          faiss_spec: str | None, faiss_sample: int, force: bool,
           prepare: bool,
           shard: str | None, executor: str, ray_address: str | None, workers: int | None, gpus_per_worker: float,
           shards: int | None, threads: int | None) -> None:
@@ -88,7 +93,7 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
     from ..projection import ProjectionSpec
     from ..runtime import configure_threads
     from ..tracer import GRADIENT_MEMORY
-    from .querying import parse_size
+    from .common import parse_size
 
     configure_threads(threads, tune_allocator=True)
     started = time.perf_counter()
@@ -96,7 +101,8 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
                          batch_size=batch_size, device=device, sample_rate=sample_rate, stratify=stratify,
                          sample_seed=sample_seed, unit_rows=unit_rows, dtype=dtype,
                          cache_activations=cache_activations,
-                         gradient_memory=parse_size(gradient_memory, "--gradient-memory") or GRADIENT_MEMORY)
+                         gradient_memory=parse_size(gradient_memory, "--gradient-memory") or GRADIENT_MEMORY,
+                         faiss=faiss_spec, faiss_sample=faiss_sample, faiss_seed=seed)
     config.check()
     modes = [name for name, on in (("--prepare", prepare), ("--shard", shard is not None),
                                    ("--executor ray", executor == "ray")) if on]

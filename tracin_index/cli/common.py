@@ -217,3 +217,22 @@ def _bar(length: int, label: str) -> Iterator[Callable[[int, int], None]]:
     finally:
         if state["bar"] is not None:
             state["bar"].__exit__(None, None, None)
+
+
+def parse_size(text: str | None, option: str = "--memory") -> int | None:
+    """``"512MB"``, ``"4GB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (a bad one is named as ``option``)."""
+    from ..errors import InputError
+
+    if text is None:
+        return None
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower()
+    number = t.rstrip("kmgtib")
+    try:
+        value = float(number) * units[t[len(number):].strip()]
+    except (ValueError, KeyError):
+        value = -1
+    if value <= 0:
+        raise InputError(f"{option} {text!r} is not a size; give e.g. 512MB or 4GB")
+    return int(value)

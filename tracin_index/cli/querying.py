@@ -23,6 +23,7 @@ from .common import (
     _user_errors,
     choice,
     main,
+    parse_size,
 )
 
 TABLES = ", ".join(f"{e['suffix']} ({e.name})" for e in FORMATS if e["table"])
@@ -80,6 +81,9 @@ def _index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         choice(SEARCHES, "Candidate search."),
         click.option("--memory", default=None, metavar="SIZE",
                      help="Memory the search may hold, e.g. 512MB or 4GB (auto streams when the index would not fit)."),
+        click.option("--nprobe", type=click.IntRange(min=1), default=None,
+                     help="With the build's FAISS index (--search ann): lists probed (IVF) or efSearch (HNSW); more is "
+                          "slower and finds more."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -111,32 +115,14 @@ def _ranking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def parse_size(text: str | None, option: str = "--memory") -> int | None:
-    """``"512MB"``, ``"4GB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (a bad one is named as ``option``)."""
-    from ..errors import InputError
-
-    if text is None:
-        return None
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    t = text.strip().lower()
-    number = t.rstrip("kmgtib")
-    try:
-        value = float(number) * units[t[len(number):].strip()]
-    except (ValueError, KeyError):
-        value = -1
-    if value <= 0:
-        raise InputError(f"{option} {text!r} is not a size; give e.g. 512MB or 4GB")
-    return int(value)
-
-
 def _open(index: StorePath, model: Path | None, checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None,
           loss: str | None, device: str, search: str = "auto", memory: str | None = None,
-          optimizer: str = OPTIMIZERS.default) -> Any:
+          optimizer: str = OPTIMIZERS.default, nprobe: int | None = None) -> Any:
     from ..opening import open_index
 
     return open_index(index, model=model, checkpoints=_checkpoints(checkpoint, lr) if checkpoint or lr else None,
-                      layers=layers, loss=loss, device=device, search=search, memory=parse_size(memory), optimizer=optimizer)
+                      layers=layers, loss=loss, device=device, search=search, memory=parse_size(memory), optimizer=optimizer,
+                      nprobe=nprobe)
 
 
 @main.command()
@@ -157,12 +143,12 @@ def query(index: StorePath, triple: tuple[str, ...], versus: tuple[str, ...], to
           neighbourhood: bool, candidates: int | None, opponent_candidates: int | None, no_rerank: bool, predictions: int,
           unfiltered: bool, as_json: bool, model: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None, loss: str | None, device: str,
-          search: str, memory: str | None, threads: int | None) -> None:
+          search: str, memory: str | None, nprobe: int | None, threads: int | None) -> None:
     """Top proponents and opponents of test triples in INDEX."""
     from ..runtime import configure_threads
 
     configure_threads(threads, tune_allocator=True)
-    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory, optimizer)
+    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory, optimizer, nprobe)
     results = idx.query(list(triple), k=top_k, mode=mode, relations=list(relation) or None, neighbourhood=neighbourhood,
                         candidates=candidates, opponent_candidates=opponent_candidates, rerank=not no_rerank,
                         versus=list(versus) or None, predictions=predictions, filtered=not unfiltered)
@@ -194,7 +180,7 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, optimiz
           aggregate: bool,
           test_indices: str | None, batch_size: int | None, overwrite: bool, model: Path | None, checkpoint: tuple[Path, ...],
           lr: tuple[float, ...], layers: str | None, loss: str | None, device: str, search: str, memory: str | None,
-          threads: int | None) -> None:
+          nprobe: int | None, threads: int | None) -> None:
     """Score a whole test set against INDEX into a results file (restartable: run it again after a kill)."""
     from ..errors import InputError
     from ..rankings import TRAIN_COLUMNS
@@ -204,7 +190,7 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, optimiz
     configure_threads(threads, tune_allocator=True)
     check_output(out, overwrite)
     started = time.perf_counter()
-    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory, optimizer)
+    idx = _open(index, model, checkpoint, lr, layers, loss, device, search, memory, optimizer, nprobe)
     triples = _test_triples(idx, test)
     positions = _parse_indices(test_indices, len(triples))
     if positions is not None:
@@ -236,17 +222,29 @@ def score(index: StorePath, test: str, out: Path, top_k: int, mode: str, optimiz
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--out", type=PATH, default=None, help=f"Also write the ranking (all rows unless --top) to a file: {TABLES}.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@choice(OPTIMIZERS, "The optimizer the model was trained with, whose steps the self-influences follow (other than "
+        f"{OPTIMIZERS.default}: computed with the model, a pass over the indexed triples).")
+@_index_options
+@_threads_option
 @_user_errors
-def self_influence(index: StorePath, top: int | None, as_json: bool, out: Path | None, overwrite: bool) -> None:
+def self_influence(index: StorePath, top: int | None, as_json: bool, out: Path | None, overwrite: bool, optimizer: str,
+                   model: Path | None, checkpoint: tuple[Path, ...], lr: tuple[float, ...], layers: str | None,
+                   loss: str | None, device: str, search: str, memory: str | None, nprobe: int | None,
+                   threads: int | None) -> None:
     """Training triples of INDEX ranked by exact self-influence (suspicious or hard triples first)."""
     from dataclasses import asdict
 
     from ..rankings import TRAIN_COLUMNS, self_influence_ranking
     from ..results import check_output, write_records
+    from ..runtime import configure_threads
 
     if out is not None:
         check_output(out, overwrite)
-    ranking = self_influence_ranking(index, top)
+    if optimizer == OPTIMIZERS.default:
+        ranking = self_influence_ranking(index, top)  # stored by the build: no model needed
+    else:
+        configure_threads(threads, tune_allocator=True)
+        ranking = _open(index, model, checkpoint, lr, layers, loss, device, search, memory, optimizer, nprobe).self_influence(top)
     if out is not None:
         write_records([{"kind": "self", **asdict(i)} for i in ranking], list(TRAIN_COLUMNS), out, overwrite=overwrite)
     shown = ranking if top is not None else ranking[:20]
