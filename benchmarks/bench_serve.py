@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100, help="warm queries with one client")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--threads", type=int, default=2, help="the service's --threads")
-    parser.add_argument("--max-concurrency", type=int, default=4, help="the service's --max-concurrency")
+    parser.add_argument("--max-concurrency", type=int, default=8, help="the service's --max-concurrency")
     parser.add_argument("--no-batch", action="store_true", help="the service's --no-batch (each query answered alone)")
     parser.add_argument("--device", default="cpu", help="the service's --device")
     parser.add_argument("--log", type=Path, default=None, help="the service's log (default: discarded)")

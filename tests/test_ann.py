@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -128,3 +129,77 @@ def test_cli_builds_and_searches_the_faiss_index(distmult_plain: Trained, built:
     res = runner.invoke(main, ["build", "--model", str(distmult_plain.directory), "--out", str(tmp_path / "x"),
                                "--faiss", "Nope"])
     assert res.exit_code != 0 and res.output.count("\n") == 1 and "--faiss" in res.output, res.output
+
+
+def test_auto_stores_a_faiss_index_from_a_million_rows() -> None:
+    from tracin_index.ann import resolve_spec
+
+    assert resolve_spec("auto", 999_999, 1024) is None and resolve_spec(None, 5_000_000, 1024) is None
+    assert resolve_spec("none", 5_000_000, 1024) is None and resolve_spec("IVF8,SQ8", 10, 1024) == "IVF8,SQ8"
+    assert resolve_spec("auto", 1_000_000, 1024) == "PQ256x4fs" and resolve_spec("auto", 10**8, 3072) == "PQ768x4fs"
+    assert resolve_spec("auto", 1_000_000, 1004) == "SQ8"
+
+
+def test_merged_shards_are_the_brute_force_ends() -> None:
+    from tracin_index.sharded import merge_ends, shard_ranges
+
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((3, 50)).astype(np.float32)
+    assert shard_ranges(50, 4) == [(0, 12), (12, 25), (25, 38), (38, 50)]
+    parts = []
+    for lo, hi in shard_ranges(50, 4):  # each shard's own top 7 of both ends (global ids), one shard short of rows
+        part = scores[:, lo:hi]
+        top = np.argsort(-part, axis=1)[:, :7]
+        bottom = np.argsort(part, axis=1)[:, :7]
+        parts.append((np.take_along_axis(part, top, 1), top + lo, np.take_along_axis(part, bottom, 1), bottom + lo))
+    ts, ti, bs, bi = merge_ends(parts, 5, 7)
+    assert np.array_equal(ti, np.argsort(-scores, axis=1)[:, :5])
+    assert np.array_equal(ts, -np.sort(-scores, axis=1)[:, :5])
+    assert np.array_equal(bi, np.argsort(scores, axis=1)[:, :7]) and np.array_equal(bs, np.sort(scores, axis=1)[:, :7])
+    _, _, bs, bi = merge_ends(parts, 5, 30)  # more than the shards hold: the 28 they gave, in order, then none
+    assert (bi[:, 28:] == -1).all() and (bi[:, :28] >= 0).all() and (np.diff(bs[:, :28], axis=1) >= 0).all()
+
+
+def test_ray_shards_answer_as_one_node_and_a_dead_shard_is_retried_or_named(distmult_plain: Trained, built: Path,
+                                                                             tmp_path: Path) -> None:
+    """Three shards on a local Ray cluster: their merged candidates are the single-node search's (the build's
+    FAISS index, or the exact scan of a build without one); a killed actor is restarted and asked again; one that
+    stays dead fails the query with its shard named."""
+    ray = pytest.importorskip("ray")
+    from tracin_index.errors import StoreError
+    from tracin_index.sharded import ShardedSearcher
+
+    plain = tmp_path / "plain"
+    build_index(load_model(distmult_plain.directory), plain, checkpoints=distmult_plain.checkpoints,
+                config=BuildConfig(unit_rows=256))
+    test = distmult_plain.testing[:6]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=150 * 2**20)
+    try:
+        for where, single in ((built, open_index(built, search="ann", nprobe=4)), (plain, open_index(plain, search="full"))):
+            sharded = open_index(where, search="ray", shards=3, nprobe=4)
+            assert isinstance(sharded.searcher, ShardedSearcher) and len(sharded.searcher.actors) == 3
+            q, _ = single.test_rows(test)
+            a, b = single.searcher.search(q, 40, 200), sharded.searcher.search(q, 40, 200)
+            for (xs, xi), (ys, yi), sign in (((a[0], a[1]), (b[0], b[1]), 1), ((a[2], a[3]), (b[2], b[3]), -1)):
+                assert np.allclose(xs, ys, rtol=1e-5, atol=1e-7)  # the same scores place by place
+                for row in range(len(q)):  # the same rows, but where Nations' tied rows meet the cut
+                    inside = sign * xs[row] > sign * xs[row, -1] + 1e-6
+                    assert set(xi[row][inside]) == set(yi[row][sign * ys[row] > sign * ys[row, -1] + 1e-6])
+            assert [(r.proponents, r.opponents) for r in sharded.query(test, k=5)] == [
+                (r.proponents, r.opponents) for r in single.query(test, k=5)]
+            if where == built:
+                assert isinstance(sharded.searcher, ShardedSearcher)
+                sharded.searcher.shutdown()
+        with pytest.raises(StoreError, match=r"^search shard 1 \(rows 398-795\) was not loaded within 3 s: the cluster "):
+            ShardedSearcher(Store.open(plain), 4, sharded.searcher, load_timeout=3)  # 3 of 4 slots are taken
+        searcher = sharded.searcher
+        assert isinstance(searcher, ShardedSearcher)
+        want = [(r.proponents, r.opponents) for r in sharded.query(test, k=5)]
+        ray.kill(searcher.actors[1], no_restart=False)  # as a lost node: Ray restarts it, the call is retried
+        assert [(r.proponents, r.opponents) for r in sharded.query(test, k=5)] == want
+        ray.kill(searcher.actors[2], no_restart=True)
+        with pytest.raises(StoreError, match=r"^search shard 2 \(rows 1061-1591\) failed after its retries"):
+            sharded.query(test, k=5)
+        searcher.shutdown()
+    finally:
+        ray.shutdown()

@@ -13,6 +13,7 @@ from tracin_index.engine import Engine, describe_parameters
 from tracin_index.forms import OuterGrad, SharedOuterGrad, densify
 from tracin_index.layers import internal_rows, select_parameters
 from tracin_index.losses import get_loss
+from tracin_index.pairs import StoredActs
 from tracin_index.plan import probe
 
 from .conftest import Trained, exact_ends, reference_gradients
@@ -136,7 +137,8 @@ def test_query_values_are_exact_and_ranked(conve_inverse: Trained, tmp_path: Pat
         assert (res.proponents[0].head, res.proponents[0].relation, res.proponents[0].tail) == (ent[h], rel[r], ent[t])
 
 
-def test_reranked_queries_equal_with_and_without_the_activation_cache(conve_inverse: Trained, tmp_path: Path) -> None:
+def test_reranked_queries_equal_with_and_without_the_activation_cache(conve_inverse: Trained, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
     from tracin_index.cli import main
@@ -149,11 +151,37 @@ def test_reranked_queries_equal_with_and_without_the_activation_cache(conve_inve
     cached, plain = open_index(tmp_path / "cached"), open_index(tmp_path / "plain")
     assert "acts" in cached.store.group and cached._acts is not None
     assert "acts" not in plain.store.group and plain._acts is None and plain.store.attrs["activation_cache"] is None
+    with monkeypatch.context() as m:  # too large for memory: the candidates' rows are read from the store per query
+        m.setattr("tracin_index.query.available_memory", lambda: 2**20)
+        read = open_index(tmp_path / "cached")
+    assert read._acts is not None and isinstance(read._acts[1], StoredActs)
     test = conve_inverse.testing[:6]
-    for a, b in zip(cached.query(test, k=10), plain.query(test, k=10), strict=True):
-        for xs, ys in ((a.proponents, b.proponents), (a.opponents, b.opponents)):
-            assert [x.train_index for x in xs] == [y.train_index for y in ys]
+    for a, b, c in zip(cached.query(test, k=10), plain.query(test, k=10), read.query(test, k=10), strict=True):
+        for xs, ys, zs in ((a.proponents, b.proponents, c.proponents), (a.opponents, b.opponents, c.opponents)):
+            assert [x.train_index for x in xs] == [y.train_index for y in ys] == [z.train_index for z in zs]
             assert [x.influence for x in xs] == pytest.approx([y.influence for y in ys], rel=1e-5, abs=1e-9)
+            assert [x.influence for x in xs] == [z.influence for z in zs]
+
+
+def test_rows_read_alone_equal_the_stored_rows(conve_inverse: Trained, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Store.read_rows`` (one read per row from the chunk files; whole chunks where the layout is not plain
+    bytes) returns what Zarr reads, in the asked order, repeats included."""
+    import tracin_index.store as store_module
+    from tracin_index.store import Store
+
+    build_index(load_model(conve_inverse.directory), tmp_path / "idx", checkpoints=conve_inverse.checkpoints,
+                config=BuildConfig(unit_rows=100))
+    store = Store.open(tmp_path / "idx")
+    rows = np.random.default_rng(0).integers(0, store.num_rows, 300)
+    rows[:3] = [store.num_rows - 1, 0, rows[5]]  # the last (partial) chunk's last row, the first row, a repeat
+    for name in ("acts", "grads", "norms", "triples"):
+        want = store.read(name)[rows]
+        assert np.array_equal(store.read_rows(name, rows), want)
+        with monkeypatch.context() as m:
+            m.setattr(store_module, "_raw_layout", lambda arr: False)
+            assert np.array_equal(store.read_rows(name, rows), want)
+    assert store.read_rows("acts", np.zeros(0, dtype=np.int64)).shape == (0, store.read("acts", 0, 1).shape[1])
 
 
 class _ConvToy(torch.nn.Module):

@@ -24,12 +24,31 @@ import numpy as np
 
 from .errors import InputError, arg
 from .runtime import faiss_module
-from .search import Searcher
+from .search import ANN_MIN_ROWS, Searcher
 from .store import Store
 
-__all__ = ["AnnSearcher", "build_faiss", "check_spec", "load_faiss"]
+__all__ = ["AnnSearcher", "build_faiss", "check_spec", "default_spec", "load_faiss", "resolve_spec"]
 
 DEFAULT_SAMPLE = 65536  # rows the index is trained on (seeded)
+APPROXIMATE_CANDIDATES = 4  # the default candidates re-ranked per end are 4x the exact scan's: codes rank coarsely
+
+
+def default_spec(rows: int, width: int) -> str | None:
+    """The FAISS index ``build --faiss auto`` stores for ``rows`` indexed rows of ``width`` numbers: none below
+    :data:`~tracin_index.search.ANN_MIN_ROWS` (the exact scan answers those), else an exhaustive product
+    quantiser with 4-bit fast-scan codes, one sub-quantiser per 4 numbers (``PQ256x4fs`` for 1,024: 128 bytes a
+    row), or 8-bit scalar codes where the width does not split so. Projected gradients have no cluster structure
+    for an inverted file to exploit; a scan of compact codes keeps every row in reach."""
+    if rows < ANN_MIN_ROWS:
+        return None
+    return f"PQ{width // 4}x4fs" if width % 8 == 0 else "SQ8"
+
+
+def resolve_spec(spec: str | None, rows: int, width: int) -> str | None:
+    """``build --faiss``'s value as the spec to build: ``auto`` by :func:`default_spec`, ``none`` (or None) none."""
+    if spec is None or spec.lower() == "none":
+        return None
+    return default_spec(rows, width) if spec.lower() == "auto" else spec
 
 
 def check_spec(spec: str, width: int) -> None:
@@ -56,8 +75,9 @@ def _sample_rows(store: Store, size: int, seed: int) -> np.ndarray:
 
 
 def build_faiss(store: Store, spec: str, sample: int = DEFAULT_SAMPLE, seed: int = 0,
-                progress: Callable[[str], None] | None = None) -> bytes:
-    """The FAISS index ``spec`` over the store's rows, trained on a seeded sample of ``sample`` rows, serialised."""
+                progress: Callable[[str], None] | None = None) -> tuple[bytes, bytes]:
+    """The FAISS index ``spec`` trained on a seeded sample of ``sample`` rows, serialised empty (what a shard of
+    the rows is added to: :class:`tracin_index.sharded.ShardedSearcher`) and with every row added."""
     faiss = faiss_module()
     width = int(store.attrs["width"])
     index = faiss.index_factory(width, spec, faiss.METRIC_INNER_PRODUCT)
@@ -70,11 +90,12 @@ def build_faiss(store: Store, spec: str, sample: int = DEFAULT_SAMPLE, seed: int
         if progress is not None:
             progress(f"training FAISS {spec} on {len(train):,} rows")
         index.train(train)
+    trained = bytes(faiss.serialize_index(index).tobytes())
     if progress is not None:
         progress(f"adding {store.num_rows:,} rows to FAISS {spec}")
     for _, block in store.iter_rows():
         index.add(np.ascontiguousarray(block, dtype=np.float32))
-    return bytes(faiss.serialize_index(index).tobytes())
+    return trained, bytes(faiss.serialize_index(index).tobytes())
 
 
 def _ivf(index: Any) -> Any:
@@ -86,16 +107,43 @@ def _ivf(index: Any) -> Any:
         return None
 
 
-def load_faiss(store: Store) -> Any:
-    """The build's FAISS index, its bytes checked against the recorded sha256."""
+def load_faiss(store: Store, trained: bool = False) -> Any:
+    """The build's FAISS index (``trained``: trained and empty), its bytes checked against the recorded sha256.
+
+    FAISS reads the stored chunks as they come (no whole copy of the serialised index is assembled first)."""
     faiss = faiss_module()
-    data = store.read_blob("faiss")
+    name = "faiss_trained" if trained else "faiss"
+    chunks = store.iter_blob(name)
+    digest = hashlib.sha256()
+    pending: list[memoryview] = []
+
+    def read(n: int) -> bytes:
+        out = []
+        while n > 0:
+            if not pending:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                view = memoryview(chunk.data)
+                digest.update(view)
+                pending.append(view)
+            take = pending[0][:n]
+            out.append(take)
+            n -= len(take)
+            pending[0] = pending[0][len(take):]
+            if not len(pending[0]):
+                pending.pop()
+        return b"".join(out)
+
+    index = faiss.read_index(faiss.PyCallbackIOReader(read))
+    for chunk in chunks:  # what FAISS did not read, for the checksum
+        digest.update(chunk.data)
     info = store.attrs["faiss"]
-    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+    if digest.hexdigest() != info[f"{name}_sha256" if trained else "sha256"]:
         from .errors import StoreError
 
-        raise StoreError(f"{store.path}: the FAISS index does not match its recorded sha256; rebuild the index")
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        raise StoreError(f"{store.path}: the FAISS index ({name}) does not match its recorded sha256; rebuild the index")
+    return index
 
 
 def set_search_parameter(index: Any, value: int | None) -> int | None:
@@ -120,6 +168,7 @@ class AnnSearcher(Searcher):
     """Search in the build's FAISS index: proponents from ``q``, opponents from ``-q`` (approximate scores)."""
 
     backend = "ann"
+    candidate_factor = APPROXIMATE_CANDIDATES
 
     def __init__(self, index: Any, fallback: Searcher, nprobe: int | None = None) -> None:
         self.index = index

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .ann import check_spec, resolve_spec
 from .errors import InputError, StoreError, arg
 from .layers import select_parameters
 from .location import StorePath, Where, location
@@ -55,7 +56,7 @@ class BuildConfig:
     cache_activations: bool = True
     gradient_memory: int = GRADIENT_MEMORY  # bytes one batch's gradients and activations may take
     # a FAISS index_factory string (inner product): the approximate index stored in the build (tracin_index.ann)
-    faiss: str | None = None
+    faiss: str | None = "auto"  # an index_factory string, "auto" (ann.default_spec: from 1M rows) or None
     faiss_sample: int = 65536  # rows it is trained on (a seeded sample)
     faiss_seed: int = 0
 
@@ -214,11 +215,10 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
         "activation_cache": cache,
         "schema_version": SCHEMA_VERSION,
     }
-    if config.faiss:
-        from .ann import check_spec
-
-        check_spec(config.faiss, tracer.width)
-        identity["faiss"] = {"spec": config.faiss, "sample": config.faiss_sample, "seed": config.faiss_seed}
+    faiss_spec = resolve_spec(config.faiss, len(triples), tracer.width)
+    if faiss_spec is not None:
+        check_spec(faiss_spec, tracer.width)
+        identity["faiss"] = {"spec": faiss_spec, "sample": config.faiss_sample, "seed": config.faiss_seed}
     identity_sha = _digest(identity)
     layout = {"batch_size": config.batch_size, "unit_rows": config.unit_rows, "device": str(device),
               "gradient_memory": config.gradient_memory}
@@ -315,9 +315,11 @@ def _add_faiss(store: Store, timings: dict[str, Any]) -> None:
 
     t0 = time.perf_counter()
     info = {k: v for k, v in store.attrs["faiss"].items() if k in ("spec", "sample", "seed")}
-    data = build_faiss(store, info["spec"], info["sample"], info["seed"])
+    trained, data = build_faiss(store, info["spec"], info["sample"], info["seed"])
+    store.write_blob("faiss_trained", trained)
     store.write_blob("faiss", data)
-    store.set_attrs(faiss={**info, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    store.set_attrs(faiss={**info, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                           "faiss_trained_sha256": hashlib.sha256(trained).hexdigest()})
     timings["faiss_s"] = round(time.perf_counter() - t0, 3)
 
 

@@ -38,6 +38,7 @@ def open_index(
     memory: int | None = None,
     optimizer: str = OPTIMIZERS.default,
     nprobe: int | None = None,
+    shards: int | None = None,
 ) -> TracinIndex:
     """Open a built index with the model it was built from (or ``model``), refusing any mismatch.
 
@@ -49,7 +50,8 @@ def open_index(
     ``stream`` (exact, one block
     of at most ``memory`` bytes in RAM at a time: stores larger than memory), ``ann`` (the build's FAISS index,
     ``build --faiss``; ``auto`` takes it from 1M rows). ``nprobe``: the FAISS index's ``nprobe`` (IVF) or
-    ``efSearch`` (HNSW), None for its built-in value. ``memory``: the bytes the
+    ``efSearch`` (HNSW), None for its built-in value. ``shards``: with ``search="ray"``, the Ray actors holding
+    the rows' shards (default: one per CPU slot of the cluster). ``memory``: the bytes the
     search may hold (default: the in-memory index if it fits in half the available RAM, else 256 MiB blocks).
     ``optimizer``: the training optimizer whose step the influences follow (:data:`~tracin_index.registry.OPTIMIZERS`),
     the default of every query; another one may be asked per query. ``adam`` needs each checkpoint's Adam state
@@ -106,4 +108,4 @@ def open_index(
     tracer = Tracer(bundle, ckpts, names, attrs["loss"], spec, resolve_device(device))
     ent, rel = store.labels()
     labels = TriplesData(mapped=bundle.triples.mapped, entity_labels=ent, relation_labels=rel)
-    return TracinIndex(store, tracer, labels, search, memory, optimizer=optimizer, nprobe=nprobe)
+    return TracinIndex(store, tracer, labels, search, memory, optimizer=optimizer, nprobe=nprobe, shards=shards)

@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .store import Store
 from .tracer import Tracer
 
-__all__ = ["distinct_inverse", "rerank"]
+__all__ = ["Activations", "StoredActs", "distinct_inverse", "rerank"]
 
 
 def distinct_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -29,9 +30,22 @@ def distinct_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ranked[first], inverse
 
 
+class StoredActs:
+    """A build's stored activations read for the asked rows alone (``acts[rows]``), none held in memory."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __getitem__(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.store.read_rows("acts", rows))
+
+
+Activations = tuple[str, "torch.Tensor | StoredActs"]  # the cache module's name, every row's values
+
+
 def rerank(tracer: Tracer, triples: torch.Tensor, blocks: list[Any], pi: np.ndarray, oi: np.ndarray,
            test_scale: torch.Tensor | None = None, row_scale: np.ndarray | None = None,
-           acts: tuple[str, torch.Tensor] | None = None, progress: Callable[[float], None] | None = None,
+           acts: Activations | None = None, progress: Callable[[float], None] | None = None,
            ) -> tuple[np.ndarray, np.ndarray]:
     """Exact values ``(M, n)`` of each test's candidates per end (row ids ``pi`` / ``oi`` into ``triples``, -1
     for a missing place, whose value is 0). ``blocks``: the tests' gradient blocks; ``test_scale`` /

@@ -20,7 +20,7 @@ import torch
 
 from .errors import InputError, arg
 from .optimizer import Preconditioner
-from .pairs import distinct_inverse, rerank
+from .pairs import Activations, StoredActs, distinct_inverse, rerank
 from .questions import Predictions, with_predictions
 from .rankings import (
     TEST_COLUMNS,
@@ -68,7 +68,8 @@ class TracinIndex:
     """
 
     def __init__(self, store: Store, tracer: Tracer, labels: TriplesData, search_backend: str = "auto",
-                 memory: int | None = None, *, optimizer: str = OPTIMIZERS.default, nprobe: int | None = None) -> None:
+                 memory: int | None = None, *, optimizer: str = OPTIMIZERS.default, nprobe: int | None = None,
+                 shards: int | None = None) -> None:
         self.store = store
         self.tracer = tracer
         self.labels = labels
@@ -77,7 +78,7 @@ class TracinIndex:
         self.train_index = store.read("train_index").astype(np.int64)
         self.table = RowTable(triple_ids, self.train_index, labels.entity_labels, labels.relation_labels)
         # built from the rows, every chunk's checksum checked: the blocked scan (float32 on the CPU, float16 on a GPU)
-        self.searcher = make_searcher(store, tracer.device, search_backend, memory, nprobe)
+        self.searcher = make_searcher(store, tracer.device, search_backend, memory, nprobe, shards)
         self._inv_norms = _reciprocal(store.read("norms").astype(np.float32))  # (N, C): the cosine mode's row scale
         self._acts = self._load_acts()
         self._per_test_bytes: dict[str, int] = {}  # per optimizer: a test triple's gradient blocks
@@ -86,14 +87,16 @@ class TracinIndex:
         self.predictions = Predictions(tracer, labels)  # the trained model's own completions of questions
         self._self_influence: dict[str, np.ndarray] = {}  # per optimizer whose values are not stored
 
-    def _load_acts(self) -> tuple[str, torch.Tensor] | None:
-        """The build's activation cache (module name, ``(N, C*R*out)`` float32) when it has one and it fits
-        in a quarter of the available memory; else None, and the re-rank recomputes that layer."""
+    def _load_acts(self) -> Activations | None:
+        """The build's activation cache (module name, ``(N, C*R*out)`` float32), None without one (the re-rank
+        recomputes that layer). Held in memory when it fits in a quarter of the available memory and the search
+        holds rows too; else (the FAISS index's compact codes, or a large store) the candidates' rows are read
+        from the store per query."""
         cache = self.store.attrs.get("activation_cache")
         if not cache or "acts" not in self.store.group:
             return None
-        if self.num_rows * int(cache["width"]) * 4 > available_memory() // 4:
-            return None
+        if self.searcher.backend == "ann" or self.num_rows * int(cache["width"]) * 4 > available_memory() // 4:
+            return str(cache["module"]), StoredActs(self.store)
         return str(cache["module"]), load_rows(self.store, "acts")
 
     @property
@@ -150,6 +153,9 @@ class TracinIndex:
         for name, value in (("candidates", candidates), ("opponent_candidates", opponent_candidates)):
             if value is not None and value < 1:
                 raise InputError(f"{arg(name, value)} must be at least 1")
+        factor = self.searcher.candidate_factor
+        if factor > 1 and candidates is None and opponent_candidates is None:  # coarse codes: more candidates
+            candidates, opponent_candidates = (factor * c for c in default_candidates(k))
         return ScoreSettings(k=k, mode=mode, relations=self.relation_ids(relations), neighbourhood=neighbourhood,
                              candidates=candidates, opponent_candidates=opponent_candidates, rerank=rerank,
                              predictions=predictions, filtered=filtered, optimizer=optimizer)
@@ -348,14 +354,18 @@ class TracinIndex:
                 raise InputError(f"{arg('batch_size', requested)} must be at least 1")
             return requested
         s = settings or ScoreSettings(optimizer=self.optimizer)
-        if s.optimizer not in self._per_test_bytes:
-            with torch.no_grad():
-                r = self._rows(self.triples[:1], s.optimizer, keep_blocks=True)
-            self._per_test_bytes[s.optimizer] = sum(t.nbytes for blocks in r.blocks for blk in blocks
-                                                    for t in vars(blk).values() if isinstance(t, torch.Tensor))
         pairs = sum(s.per_end())
-        per_test = self._per_test_bytes[s.optimizer] + pairs * PAIR_BYTES + 4 * self.searcher.width
+        per_test = self._test_bytes(s.optimizer) + pairs * PAIR_BYTES + 4 * self.searcher.width
         return max(1, min(n_tests, max(64, memory // per_test)))
+
+    def _test_bytes(self, optimizer: str) -> int:
+        """Bytes of one test triple's gradient blocks under ``optimizer`` (a preconditioned Linear's are dense)."""
+        if optimizer not in self._per_test_bytes:
+            with torch.no_grad():
+                r = self._rows(self.triples[:1], optimizer, keep_blocks=True)
+            self._per_test_bytes[optimizer] = sum(t.nbytes for blocks in r.blocks for blk in blocks
+                                                  for t in vars(blk).values() if isinstance(t, torch.Tensor))
+        return self._per_test_bytes[optimizer]
 
     def score(self, test: Any, settings: ScoreSettings | None = None, *, batch_size: int | None = None,
               progress: Progress | None = None, **kwargs: Any) -> Results:
@@ -445,13 +455,16 @@ class TracinIndex:
         High self-influence marks triples the model found hard: mislabelled or noisy ones rank high.
         ``top``: how many (None = all). Ties are broken by training position. ``optimizer`` (None: the index's):
         whose step ``P_c`` is; plain SGD's (``P = 1``, ``sum_c lr_c ||g_c||^2``) is stored by the build, another
-        one's is computed once for every indexed triple (a pass over their gradients, like a build's) and kept.
+        one's is computed once for every indexed triple (a pass over their gradients, like a build's) and kept,
+        ``batch_size`` triples at a time (fewer where their gradients would pass 2 GiB: a preconditioned Linear's
+        are dense).
         """
         p = self.preconditioner(optimizer)
         if p.identity:
             return self_influence_ranking(self.store, top)
         if p.name not in self._self_influence:
             values = np.empty(self.num_rows, dtype=np.float64)
+            batch_size = max(1, min(batch_size, BULK_MEMORY // self._test_bytes(p.name)))
             for b0 in range(0, self.num_rows, batch_size):
                 batch = self.triples[b0 : b0 + batch_size]
                 pairs = torch.arange(len(batch))

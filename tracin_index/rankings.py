@@ -226,8 +226,9 @@ class ScoreSettings:
     ``relations``: relation ids a listed training triple must have (None = any). ``neighbourhood``:
     listed training triples must share an entity with their test triple. Both restrict the search
     before the top-K cut. ``candidates`` / ``opponent_candidates``: rows retrieved per end and
-    re-ranked exactly (None = :func:`default_candidates`). ``optimizer``: the training optimizer whose step the
-    influences follow (the test gradient preconditioned as it stepped; ``sgd`` is plain TracIn).
+    re-ranked exactly (None = :func:`default_candidates`, times the search's ``candidate_factor``).
+    ``optimizer``: the training optimizer whose step the influences follow (the test gradient preconditioned as it
+    stepped; ``sgd`` is plain TracIn).
     """
 
     k: int = 10

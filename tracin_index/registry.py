@@ -121,6 +121,8 @@ SEARCHES = Registry("Search backends", "search", [
           {"scan": False}),
     Entry("ann", "the build's FAISS index (build --faiss): its compact codes in memory, both ends searched, "
           "candidates re-ranked exactly", "", {"scan": False}),
+    Entry("ray", "shards of the rows on Ray actors (RAY_ADDRESS's cluster, else a local one), each holding its "
+          "shard's codes (the build's FAISS index, or its rows), merged and re-ranked here", "", {"scan": False}),
 ])
 
 FORMATS = Registry("Output formats", "out", [

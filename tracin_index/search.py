@@ -210,6 +210,7 @@ class Searcher:
     """Both ends of an inner-product search over the stored rows, optionally weighted and masked."""
 
     backend = "abstract"
+    candidate_factor = 1  # approximate searches: the default candidates are this many times the exact scan's
     width: int
 
     def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
@@ -345,10 +346,11 @@ class StreamSearcher(Searcher):
 
 
 def make_searcher(store: Store, device: torch.device, backend: str = "auto", memory: int | None = None,
-                  nprobe: int | None = None) -> Searcher:
+                  nprobe: int | None = None, shards: int | None = None) -> Searcher:
     """The search backend for ``device``: ``auto`` (see the module docstring), ``torch`` (the scan, with the int8
-    prefilter for ad-hoc queries on the CPU), ``full`` (the scan without it), ``faiss``, ``stream`` or ``ann`` (the
-    build's FAISS index, searched with ``nprobe``: :mod:`tracin_index.ann`)."""
+    prefilter for ad-hoc queries on the CPU), ``full`` (the scan without it), ``faiss``, ``stream``, ``ann`` (the
+    build's FAISS index, searched with ``nprobe``: :mod:`tracin_index.ann`) or ``ray`` (``shards`` Ray actors, each
+    holding a shard's codes: :mod:`tracin_index.sharded`)."""
     SEARCHES.check(backend)
     on_gpu = device.type == "cuda"
     has_ann = bool(store.attrs.get("faiss"))
@@ -356,6 +358,10 @@ def make_searcher(store: Store, device: torch.device, backend: str = "auto", mem
         raise InputError(f"{store.path.name} has no FAISS index, so {arg('search', 'ann')} cannot search it; build it "
                          f"with {arg('faiss')} (e.g. IVF1024,SQ8) or choose another search")
     prefilter = (backend == "torch" or (backend == "auto" and store.num_rows >= INT8_MIN_ROWS)) and not on_gpu
+    if backend == "ray":
+        from .sharded import ShardedSearcher
+
+        return ShardedSearcher(store, shards, StreamSearcher(store, memory or 256 * 2**20, device), nprobe=nprobe)
     if backend == "ann" or (backend == "auto" and has_ann and not on_gpu and (
             store.num_rows >= ANN_MIN_ROWS or not _fits_in_memory(store, memory, prefilter))):
         from .ann import AnnSearcher, load_faiss

@@ -24,7 +24,8 @@ is a sibling they never see. Layout of one build::
                          ``activation_cache``), which the exact re-rank takes instead of recomputing them
     done/                (U,) bool, one flag (one chunk) per write unit
     faiss/               (B,) uint8, optional: the serialised FAISS index of ``build --faiss`` (attribute
-                         ``faiss``: its spec, training sample, seed, sha256), written once every unit is done
+                         ``faiss``: its spec, training sample, seed, sha256s), written once every unit is done
+    faiss_trained/       (B,) uint8, with faiss/: the same index trained and empty (a shard's rows go into it)
 
 The search table is built in memory from the rows when an index is opened (reading every chunk,
 so through its checksum); no second copy of the rows is kept on disk that could disagree with them.
@@ -37,8 +38,11 @@ crc32c checksum per chunk; a mismatch is reported with the array, the chunk and 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,6 +66,17 @@ ARRAYS = (*PER_ROW, "done", "entity_labels", "relation_labels")
 
 def _arr(group: zarr.Group, name: str) -> Any:
     return group[name]
+
+
+def _raw_layout(arr: Any) -> bool:
+    """Whether ``arr``'s chunk files hold its rows as plain little-endian bytes (then a checksum) at ``c/<i>/0``."""
+    meta = arr.metadata
+    names = [type(c).__name__ for c in getattr(meta, "codecs", ())]
+    endian = getattr(getattr(meta, "codecs", [None])[0], "endian", None)
+    separator = getattr(getattr(meta, "chunk_key_encoding", None), "separator", None)
+    return (names == ["BytesCodec", "Crc32cCodec"] and str(getattr(endian, "value", endian)) == "little"
+            and separator == "/" and len(arr.shape) >= 1 and np.dtype(arr.dtype).byteorder in "=<|"
+            and sys.byteorder == "little")
 
 
 def _codecs() -> dict[str, Any]:
@@ -213,6 +228,48 @@ class Store:
                 ) from None
         raise StoreError(f"{self.path}: array {name!r} rows {start}-{stop - 1} could not be read; rebuild it")
 
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (any order, repeats allowed) of per-row array ``name``, reading those rows alone.
+
+        In a local build the chunks are uncompressed (row ``r`` of a chunk starts at byte ``r * row_bytes``), so
+        each row is one read of its bytes from its chunk file: a few hundred rows of a store far larger than
+        memory cost a few hundred small reads. Such partial reads cannot check a chunk's checksum
+        (``verify`` does); elsewhere (``s3://``, another layout) the rows' whole chunks are read and checked.
+        """
+        arr = self.array(name)
+        rows = np.asarray(rows, dtype=np.int64)
+        shape = tuple(int(x) for x in arr.shape[1:])
+        dtype = np.dtype(arr.dtype)
+        if not len(rows):
+            return np.empty((0, *shape), dtype)
+        if not isinstance(self.path, Path) or not _raw_layout(arr):
+            order = np.unique(rows)
+            size = arr.chunks[0]
+            parts = {}
+            for c in np.unique(order // size):
+                start = int(c) * size
+                block = self.read(name, start, min(arr.shape[0], start + size))
+                for r in order[(order >= start) & (order < start + size)]:
+                    parts[int(r)] = block[int(r) - start]
+            return np.stack([parts[int(r)] for r in rows])
+        row_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = int(arr.chunks[0])
+        out = np.empty((len(rows), *shape), dtype=dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        order = np.argsort(rows, kind="stable")
+        chunk_of = rows[order] // size
+        for c in np.unique(chunk_of):
+            picked = order[chunk_of == c]
+            with open(self.path / name / "c" / str(int(c)) / "0", "rb", buffering=0) as f:
+                fd = f.fileno()
+                for i in picked:
+                    data = os.pread(fd, row_bytes, int(rows[i] - c * size) * row_bytes)
+                    if len(data) != row_bytes:
+                        raise StoreError(f"{self.path}: array {name!r} chunk {int(c)} is truncated; rebuild the index "
+                                         "with 'tracin-index build --force'")
+                    flat[i] = np.frombuffer(data, dtype=np.uint8)
+        return out
+
     def iter_rows(self, block_rows: int | None = None, name: str = "grads",
                   float32: bool = True) -> Iterator[tuple[int, np.ndarray]]:
         """Rows of a per-row array (the stored gradients by default) as float32 blocks ``(start, (b, width))``,
@@ -244,6 +301,13 @@ class Store:
     def read_blob(self, name: str) -> bytes:
         """What :meth:`write_blob` wrote, checksums checked."""
         return self.read(name).tobytes()
+
+    def iter_blob(self, name: str) -> Iterator[np.ndarray]:
+        """What :meth:`write_blob` wrote, chunk by chunk (uint8 arrays), checksums checked."""
+        arr = self.array(name)
+        size = int(arr.chunks[0])
+        for start in range(0, int(arr.shape[0]), size):
+            yield self.read(name, start, min(int(arr.shape[0]), start + size))
 
     def labels(self) -> tuple[list[str], list[str]]:
         return ([str(x) for x in self.read("entity_labels")], [str(x) for x in self.read("relation_labels")])

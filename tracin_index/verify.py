@@ -170,15 +170,20 @@ def verify(path: Where, *, check_model: bool = True) -> VerifyReport:
 def _check_faiss(store: Store) -> list[str]:
     """The stored FAISS index is there, whole, and the one whose sha256 the build recorded."""
     info = store.attrs["faiss"]
-    if "faiss" not in store.group or "sha256" not in info:
-        return [f"the FAISS index {info.get('spec')!r} is missing"]
-    try:
-        data = store.read_blob("faiss")
-    except StoreError as exc:
-        return [str(exc).split(": ", 1)[-1]]
-    if hashlib.sha256(data).hexdigest() != info["sha256"]:
-        return ["the FAISS index does not match its recorded sha256"]
-    return []
+    problems = []
+    for name, key, what in (("faiss", "sha256", "the FAISS index"),
+                            ("faiss_trained", "faiss_trained_sha256", "the trained, empty FAISS index")):
+        if name not in store.group or key not in info:
+            problems.append(f"{what} {info.get('spec')!r} is missing")
+            continue
+        try:
+            data = store.read_blob(name)
+        except StoreError as exc:
+            problems.append(str(exc).split(": ", 1)[-1])
+            continue
+        if hashlib.sha256(data).hexdigest() != info[key]:
+            problems.append(f"{what} does not match its recorded sha256")
+    return problems
 
 
 def _check_fingerprints(store: Store, report: VerifyReport) -> list[str]:

@@ -52,10 +52,10 @@ from .common import (
 @click.option("--gradient-memory", default="4GiB", show_default=True, metavar="SIZE",
               help="Memory one batch's gradients and activations may take; batches shrink to fit it, and a model whose "
                    "single triple does not fit is refused.")
-@click.option("--faiss", "faiss_spec", default=None, metavar="SPEC",
+@click.option("--faiss", "faiss_spec", default="auto", show_default=True, metavar="SPEC|auto|none",
               help="Also store a FAISS index of the rows: an index_factory string with inner product (e.g. IVF1024,SQ8, "
                    "HNSW32,SQ8), trained on a seeded sample; queries search its compact codes (--search ann; auto "
-                   "from 1M rows).")
+                   "from 1M rows). auto: none below 1M rows, else IVF with about sqrt(N) lists and 8-bit codes.")
 @click.option("--faiss-sample", type=int, default=65536, show_default=True, help="Rows the FAISS index is trained on.")
 @click.option("--force", is_flag=True, help="Rebuild even when the published build has the same inputs and settings.")
 @click.option("--prepare", is_flag=True,
@@ -75,7 +75,7 @@ def build(model: Path, model_class: str | None, model_kwargs: str | None, invers
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: StorePath, layers: str,
           loss: str, projection: str, dim: int, seed: int, batch_size: int, device: str, sample_rate: float,
           stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, cache_activations: bool, gradient_memory: str,
-          faiss_spec: str | None, faiss_sample: int, force: bool,
+          faiss_spec: str, faiss_sample: int, force: bool,
           prepare: bool,
           shard: str | None, executor: str, ray_address: str | None, workers: int | None, gpus_per_worker: float,
           shards: int | None, threads: int | None) -> None:

@@ -100,7 +100,8 @@ def _ranking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--neighbourhood", "--neighborhood", "neighbourhood", is_flag=True,
                      help="Only training triples sharing an entity with the test triple; before the top-K cut."),
         click.option("--candidates", type=int, default=None,
-                     help="Candidates re-ranked exactly per end (default: 10k and 50k, at least 100 and 500)."),
+                     help="Candidates re-ranked exactly per end (default: 10k and 50k, at least 100 and 500; four times "
+                          "that with the build's FAISS index)."),
         click.option("--opponent-candidates", type=int, default=None, help="Candidates for the opponent end only."),
         click.option("--no-rerank", is_flag=True, help="Report projected influences without the exact re-rank."),
         click.option("--predictions", type=int, default=1, show_default=True,

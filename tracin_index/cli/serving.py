@@ -25,8 +25,11 @@ MISSING = "serve needs FastAPI: pip install 'tracin-index[serve]'"
               help="Memory the search may hold, e.g. 512MB or 4GB (auto streams when the index would not fit).")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None,
               help="With the build's FAISS index (--search ann): lists probed (IVF) or efSearch (HNSW).")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="With --search ray: Ray actors holding the rows' shards (default: one per CPU slot of the cluster "
+                   "named by RAY_ADDRESS, else of a local one).")
 @_threads_option
-@click.option("--max-concurrency", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=8, show_default=True,
               help="Requests admitted at once (they take turns on the model); one more waits up to --queue-timeout, "
                    "then gets 503.")
 @click.option("--queue-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -41,7 +44,7 @@ MISSING = "serve needs FastAPI: pip install 'tracin-index[serve]'"
                    "all; values agree with a query asked alone to float32 rounding).")
 @_user_errors
 def serve(index: StorePath, host: str, port: int, device: str, search: str, memory: str | None, nprobe: int | None,
-          threads: int | None,
+          shards: int | None, threads: int | None,
           max_concurrency: int, queue_timeout: float, max_body: int, poll: float, batch: bool) -> None:
     """Answer queries on INDEX over HTTP, with the web explorer at http://HOST:PORT/.
 
@@ -70,5 +73,6 @@ def serve(index: StorePath, host: str, port: int, device: str, search: str, memo
     log.propagate = False
     configure_threads(threads, tune_allocator=True)
     app = create_app(index, max_concurrency=max_concurrency, max_body=max_body, queue_timeout=queue_timeout, poll=poll,
-                     batch=batch, device=device, search=search, memory=parse_size(memory), nprobe=nprobe)
+                     batch=batch, device=device, search=search, memory=parse_size(memory), nprobe=nprobe,
+                     shards=shards)
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)

@@ -226,7 +226,7 @@ def _answer(served: Served, **payload: Any) -> JSONResponse:
 def create_app(
     index_location: Where,
     *,
-    max_concurrency: int = 4,
+    max_concurrency: int = 8,
     max_body: int = 65536,
     queue_timeout: float = 30.0,
     poll: float = 5.0,
