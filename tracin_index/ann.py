@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import InputError, arg
 from .runtime import faiss_module
-from .search import ANN_MIN_ROWS, Searcher
+from .search import ANN_MIN_ROWS, Searcher, both_ends
 from .store import Store
 
 __all__ = ["AnnSearcher", "build_faiss", "check_spec", "default_spec", "load_faiss", "resolve_spec"]
@@ -181,7 +181,4 @@ class AnnSearcher(Searcher):
         """Plain queries in the FAISS index; weighted (cosine) or masked ones by ``fallback`` (an exact scan)."""
         if row_scale is not None or mask is not None:
             return self.fallback.search(q, n_top, n_bottom, row_scale=row_scale, mask=mask)
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        top_s, top_i = self.index.search(q, min(n_top, self.index.ntotal))
-        neg_s, neg_i = self.index.search(-q, min(n_bottom, self.index.ntotal))
-        return top_s, top_i.astype(np.int64), -neg_s, neg_i.astype(np.int64)
+        return both_ends(self.index, q, n_top, n_bottom)

@@ -80,7 +80,16 @@ def search(index: faiss.Index, queries: np.ndarray, n: int) -> tuple[np.ndarray,
     """Top-``n`` rows by inner product: ``(M, n) float32`` scores and ``(M, n) int64`` row ids (-1 = none)."""
     n = max(1, min(n, index.ntotal))
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
-    return scores, ids
+    return scores, ids.astype(np.int64)
+
+
+def both_ends(index: faiss.Index, q: np.ndarray, n_top: int, n_bottom: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A FAISS index's top ``n_top`` of ``<q, x>`` and bottom ``n_bottom`` (the top of ``<-q, x>``, searched
+    for as such): scores and row ids of each end, as :meth:`Searcher.search` returns them."""
+    ps, pi = search(index, q, n_top)
+    os_, oi = search(index, -q, n_bottom)
+    return ps, pi, -os_, oi
 
 
 def scan(
@@ -228,9 +237,7 @@ class FaissSearcher(Searcher):
     def search(self, q: np.ndarray, n_top: int, n_bottom: int, *, row_scale: np.ndarray | None = None,
                mask: Mask | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if mask is None and row_scale is None:
-            ps, pi = search(self.index, q, n_top)
-            os_, oi = search(self.index, -q, n_bottom)
-            return ps, pi, -os_, oi
+            return both_ends(self.index, q, n_top, n_bottom)
         return scan(self.rows, q, n_top, n_bottom, row_scale=row_scale, mask=mask)
 
 

@@ -26,12 +26,10 @@ import numpy as np
 from .ann import APPROXIMATE_CANDIDATES
 from .errors import InputError, StoreError, arg
 from .runtime import faiss_module
-from .search import Searcher
+from .search import Searcher, both_ends
 from .store import Store
 
 __all__ = ["ShardWorker", "ShardedSearcher", "merge_ends", "shard_ranges"]
-
-READ_ROWS = 65536  # rows read from the store at a time while a shard loads
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
@@ -52,19 +50,14 @@ class ShardWorker:
         width = int(store.attrs["width"])
         self.lo, self.hi = lo, hi
         self.index = load_faiss(store, trained=True) if store.attrs.get("faiss") else faiss.IndexFlatIP(width)
-        for start in range(lo, hi, READ_ROWS):
-            block = store.read("grads", start, min(hi, start + READ_ROWS))
-            self.index.add(np.ascontiguousarray(block, dtype=np.float32))
+        for _, block in store.iter_rows(rows=(lo, hi)):
+            self.index.add(block)
         self.nprobe = set_search_parameter(self.index, nprobe)
 
     def search(self, q: np.ndarray, n_top: int, n_bottom: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Top ``n_top`` of ``<q, x>`` and ``n_bottom`` of ``<-q, x>`` over this shard: scores, global ids (-1: none)."""
-        n = self.hi - self.lo
-        top_s, top_i = self.index.search(q, max(1, min(n_top, n)))
-        neg_s, neg_i = self.index.search(-q, max(1, min(n_bottom, n)))
-        top_i = np.where(top_i >= 0, top_i + self.lo, -1)
-        neg_i = np.where(neg_i >= 0, neg_i + self.lo, -1)
-        return top_s, top_i.astype(np.int64), -neg_s, neg_i.astype(np.int64)
+        top_s, top_i, bottom_s, bottom_i = both_ends(self.index, q, n_top, n_bottom)
+        return top_s, np.where(top_i >= 0, top_i + self.lo, -1), bottom_s, np.where(bottom_i >= 0, bottom_i + self.lo, -1)
 
     def ready(self) -> tuple[int, int]:
         return self.lo, self.hi

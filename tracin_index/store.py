@@ -271,10 +271,10 @@ class Store:
         return out
 
     def iter_rows(self, block_rows: int | None = None, name: str = "grads",
-                  float32: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+                  float32: bool = True, rows: tuple[int, int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Rows of a per-row array (the stored gradients by default) as float32 blocks ``(start, (b, width))``,
         whole chunks at a time, checksums checked; ``float32=False``: as stored (a caller that converts
-        them itself, or only checks them, skips numpy's copy).
+        them itself, or only checks them, skips numpy's copy). ``rows``: only the range ``(lo, hi)``.
 
         Default block: whole chunks up to 64 MiB of float32 rows (memory flat in N, and small: a block's
         decoding by Zarr takes several times its rows' bytes, so the block is sized by bytes, not rows).
@@ -284,8 +284,9 @@ class Store:
             width = int(np.prod(self.array(name).shape[1:], dtype=np.int64))
             block_rows = (64 * 2**20) // (4 * max(1, width))
         block = max(size, block_rows // size * size)
-        for start in range(0, self.num_rows, block):
-            part = self.read(name, start, min(self.num_rows, start + block))
+        lo, hi = rows or (0, self.num_rows)
+        for start in range(lo, hi, block):
+            part = self.read(name, start, min(hi, start + block))
             yield start, part.astype(np.float32) if float32 else part
 
     def write_blob(self, name: str, data: bytes, chunk: int = 64 * 2**20) -> None:
@@ -300,7 +301,7 @@ class Store:
 
     def read_blob(self, name: str) -> bytes:
         """What :meth:`write_blob` wrote, checksums checked."""
-        return self.read(name).tobytes()
+        return b"".join(chunk.tobytes() for chunk in self.iter_blob(name))
 
     def iter_blob(self, name: str) -> Iterator[np.ndarray]:
         """What :meth:`write_blob` wrote, chunk by chunk (uint8 arrays), checksums checked."""
