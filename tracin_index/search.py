@@ -86,10 +86,13 @@ def search(index: faiss.Index, queries: np.ndarray, n: int) -> tuple[np.ndarray,
 def both_ends(index: faiss.Index, q: np.ndarray, n_top: int, n_bottom: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A FAISS index's top ``n_top`` of ``<q, x>`` and bottom ``n_bottom`` (the top of ``<-q, x>``, searched
-    for as such): scores and row ids of each end, as :meth:`Searcher.search` returns them."""
-    ps, pi = search(index, q, n_top)
-    os_, oi = search(index, -q, n_bottom)
-    return ps, pi, -os_, oi
+    for as such): scores and row ids of each end, as :meth:`Searcher.search` returns them.
+
+    Both ends are one search of ``q`` and ``-q`` together: FAISS then reads the codes once for both."""
+    m = len(q)
+    scores, ids = search(index, np.concatenate([q, -q]), max(n_top, n_bottom))
+    n_top, n_bottom = min(n_top, scores.shape[1]), min(n_bottom, scores.shape[1])
+    return scores[:m, :n_top], ids[:m, :n_top], -scores[m:, :n_bottom], ids[m:, :n_bottom]
 
 
 def scan(
