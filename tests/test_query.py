@@ -134,6 +134,29 @@ def test_changed_checkpoint_is_refused(conve_inverse: Trained, tmp_path: Path) -
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x")]
 
 
+def test_auto_dimension_follows_the_rows_indexed(conve_inverse: Trained, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dim`` unset (``--dim auto``): 1024 below ``LARGE_ROWS`` indexed rows, 2048 from there, recorded in the
+    store; the build equals one asked for that dimension, and an auto query projection matches it."""
+    import tracin_index.projection as projection
+
+    bundle = load_model(conve_inverse.directory)
+    rows = len(bundle.triples.mapped)
+    assert ProjectionSpec().for_rows(rows).dim == 1024 and ProjectionSpec(dim=64).for_rows(10**7).dim == 64
+    monkeypatch.setattr(projection, "LARGE_ROWS", rows // 2)  # the sample below is under it, the whole set over
+    config = BuildConfig(unit_rows=400, faiss=None)
+    big = build_index(bundle, tmp_path / "big", config=config)
+    small = build_index(bundle, tmp_path / "small", config=BuildConfig(unit_rows=400, faiss=None, sample_rate=0.3))
+    assert big.attrs["projection"]["dim"] == 2048 and small.attrs["projection"]["dim"] == 1024
+    twin = build_index(bundle, tmp_path / "twin", config=BuildConfig(projection=ProjectionSpec(dim=2048), unit_rows=400,
+                                                                     faiss=None))
+    assert np.array_equal(np.asarray(big.array("grads")[:]), np.asarray(twin.array("grads")[:]))
+    assert open_index(tmp_path / "big", model=bundle, projection=ProjectionSpec()).num_rows == rows  # auto matches 2048
+    res = CliRunner().invoke(main, ["build", "--model", str(conve_inverse.directory), "--out", str(tmp_path / "x"),
+                                    "--dim", "big"])
+    assert res.exit_code == 2 and "'big' is not an integer or auto" in res.output and not (tmp_path / "x").exists()
+
+
 def test_model_file_state_dict_and_label_tsv_inputs(conve_inverse: Trained, tmp_path: Path) -> None:
     """torch.save'd model + label TSV, and class + state dict, index exactly like the results directory."""
     ref = load_model(conve_inverse.directory)

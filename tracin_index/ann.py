@@ -36,7 +36,7 @@ APPROXIMATE_CANDIDATES = 4  # the default candidates re-ranked per end are 4x th
 def default_spec(rows: int, width: int) -> str | None:
     """The FAISS index ``build --faiss auto`` stores for ``rows`` indexed rows of ``width`` numbers: none below
     :data:`~tracin_index.search.ANN_MIN_ROWS` (the exact scan answers those), else an exhaustive product
-    quantiser with 4-bit fast-scan codes, one sub-quantiser per 4 numbers (``PQ256x4fs`` for 1,024: 128 bytes a
+    quantiser with 4-bit fast-scan codes, one sub-quantiser per 4 numbers (``PQ512x4fs`` for 2,048: 256 bytes a
     row), or 8-bit scalar codes where the width does not split so. Projected gradients have no cluster structure
     for an inverted file to exploit; a scan of compact codes keeps every row in reach."""
     if rows < ANN_MIN_ROWS:

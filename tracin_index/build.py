@@ -195,7 +195,8 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
     names = select_parameters(bundle.model, config.layers, all_triples[:2])
     keep = sample_rows(all_triples, config.sample_rate, config.stratify, config.sample_seed)
     triples = all_triples[torch.from_numpy(keep)]
-    tracer = Tracer(bundle, ckpts, names, config.loss, config.projection, device, config.projection_memory,
+    projection = config.projection.for_rows(len(triples))
+    tracer = Tracer(bundle, ckpts, names, config.loss, projection, device, config.projection_memory,
                     config.gradient_memory)
     probed = tracer.prepare()
     dtype = config.dtype or ("float32" if config.projection.kind == "none" else "float16")
@@ -210,7 +211,7 @@ def make_plan(bundle: ModelBundle, checkpoints: list[tuple[str, float]], config:
         "layers": config.layers,
         "tracked": [{"name": p.name, "kind": p.kind, "shape": list(p.shape)} for p in tracer.tracked],
         "loss": config.loss,
-        "projection": config.projection.to_dict(),
+        "projection": projection.to_dict(),
         "dtype": dtype,
         "activation_cache": cache,
         "schema_version": SCHEMA_VERSION,

@@ -101,7 +101,7 @@ def open_index(
     if loss is not None and loss != attrs["loss"]:
         differences.append(f"loss: index {attrs['loss']!r}, query {loss!r}")
     spec = ProjectionSpec(**{k: attrs["projection"][k] for k in ("kind", "dim", "seed")})
-    if projection is not None and projection != spec:
+    if projection is not None and projection.for_rows(store.num_rows) != spec:
         differences.append(f"projection: index {spec}, query {projection}")
     if differences:
         raise IndexMismatchError(f"index {location(path)} does not match this query: " + "; ".join(differences))

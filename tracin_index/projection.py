@@ -15,7 +15,7 @@ device and run, and never materialised beyond a memory budget:
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -71,20 +71,42 @@ def hash64(key: int, coords: torch.Tensor) -> torch.Tensor:
     return _mix(coords.to(torch.int64) * _GOLDEN + key)
 
 
+DEFAULT_DIM = 1024  # the projected dimension below LARGE_ROWS indexed rows
+LARGE_DIM = 2048  # ... and from there: the compressed candidate search needs its opponents less noisy
+LARGE_ROWS = 1_000_000  # = search.ANN_MIN_ROWS, where the build's FAISS codes take over the search
+
+
+def default_dim(rows: int) -> int:
+    """The projected dimension of an index of ``rows`` rows when none is asked for."""
+    return LARGE_DIM if rows >= LARGE_ROWS else DEFAULT_DIM
+
+
 @dataclass(frozen=True)
 class ProjectionSpec:
-    """What defines the projection; written into the store and compared at query time."""
+    """What defines the projection; written into the store and compared at query time. ``dim`` None: by the
+    number of rows indexed (:func:`default_dim`), fixed by :meth:`for_rows` before anything is projected."""
 
     kind: str = "sparse"
-    dim: int = 1024
+    dim: int | None = None
     seed: int = 0
 
     def check(self) -> None:
         """Refuse an unknown kind, a dimension outside 1..65536 or a negative seed (one-line errors)."""
-        if PROJECTIONS[self.kind]["dim"] and not 1 <= self.dim <= 65536:
-            raise InputError(f"{arg('dim', self.dim)} is out of range; choose 1..65536 (1024 is the default)")
+        if PROJECTIONS[self.kind]["dim"] and self.dim is not None and not 1 <= self.dim <= 65536:
+            raise InputError(f"{arg('dim', self.dim)} is out of range; choose 1..65536 (or auto, the default)")
         if self.seed < 0:
             raise InputError(f"{arg('seed', self.seed)} must be a non-negative integer")
+
+    def for_rows(self, rows: int) -> ProjectionSpec:
+        """This projection with an unset ``dim`` fixed for an index of ``rows`` rows."""
+        return self if self.dim is not None else replace(self, dim=default_dim(rows))
+
+    @property
+    def k(self) -> int:
+        """The projected dimension (``dim``, fixed)."""
+        if self.dim is None:
+            raise ValueError("the projection's dim is not fixed yet; call for_rows(rows) first")
+        return self.dim
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -121,7 +143,7 @@ class SketchProjector(Projector):
     """CountSketch / TensorSketch with counter-based hashes."""
 
     def __init__(self, spec: ProjectionSpec, params: list[TrackedParam], device: torch.device, memory: int) -> None:
-        self.k = self.out_dim = spec.dim
+        self.k = self.out_dim = spec.k
         self.seed = spec.seed
         self.params = params
         self.device = device
@@ -193,7 +215,7 @@ class GaussianProjector(Projector):
     """Dense ``N(0, 1/k)`` projection, generated chunk by chunk on the CPU and cached up to ``memory`` bytes."""
 
     def __init__(self, spec: ProjectionSpec, params: list[TrackedParam], device: torch.device, memory: int) -> None:
-        self.k = self.out_dim = spec.dim
+        self.k = self.out_dim = spec.k
         self.seed = spec.seed
         self.params = params
         self.device = device

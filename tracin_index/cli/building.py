@@ -11,6 +11,7 @@ import click
 from ..location import StorePath
 from ..registry import LOSSES, PROJECTIONS, STRATEGIES
 from .common import (
+    DIM,
     INDEX,
     PATH,
     _bar,
@@ -32,7 +33,8 @@ from .common import (
 @click.option("--layers", default="last:2", show_default=True, help="last:N (forward order), all, or parameter/layer names.")
 @choice(LOSSES, "Per-triple loss.")
 @choice(PROJECTIONS, "Random projection of the gradients.")
-@click.option("--dim", type=int, default=1024, show_default=True, help="Projected dimension k per checkpoint.")
+@click.option("--dim", type=DIM, default="auto", show_default=True,
+              help="Projected dimension k per checkpoint; auto: 1024, or 2048 from 1M indexed rows.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Projection seed.")
 @click.option("--batch-size", type=int, default=1024, show_default=True,
               help="Training triples per gradient batch; where rows share the encoder's input (ConvE: the same head "
@@ -73,7 +75,7 @@ from .common import (
 def build(model: Path, model_class: str | None, model_kwargs: str | None, inverse_triples: bool | None,
           triples: Path | None, entity_to_id: Path | None, relation_to_id: Path | None,
           checkpoint: tuple[Path, ...], lr: tuple[float, ...], checkpoint_dir: Path | None, out: StorePath, layers: str,
-          loss: str, projection: str, dim: int, seed: int, batch_size: int, device: str, sample_rate: float,
+          loss: str, projection: str, dim: int | None, seed: int, batch_size: int, device: str, sample_rate: float,
           stratify: str, sample_seed: int, unit_rows: int, dtype: str | None, cache_activations: bool, gradient_memory: str,
           faiss_spec: str, faiss_sample: int, force: bool,
           prepare: bool,

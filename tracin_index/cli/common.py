@@ -38,6 +38,25 @@ class _IndexLocation(click.ParamType):
 INDEX = _IndexLocation()
 
 
+class _Dim(click.ParamType):
+    """A projected dimension: a positive integer, or ``auto`` (None: chosen by the rows indexed)."""
+
+    name = "integer|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() == "auto":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer or auto", param, ctx)
+
+
+DIM = _Dim()
+
+
 def _quiet_libraries() -> None:
     import logging
     import warnings

@@ -12,6 +12,7 @@ from ..location import StorePath
 from ..registry import FORMATS, LOSSES, MODES, OPTIMIZERS, PROJECTIONS
 from .building import _build
 from .common import (
+    DIM,
     INDEX,
     PATH,
     _bar,
@@ -80,7 +81,8 @@ def _run_layers(use_last_layers_only: bool, num_last_layers: int | None, last_la
 @click.option("--checkpoints", "checkpoint_dir", type=PATH, default=None, help="A directory of checkpoints (TracInCP).")
 @choice(LOSSES, "Per-triple loss.")
 @choice(PROJECTIONS, "Random projection of the gradients.")
-@click.option("--dim", type=int, default=1024, show_default=True, help="Projected dimension k per checkpoint.")
+@click.option("--dim", type=DIM, default="auto", show_default=True,
+              help="Projected dimension k per checkpoint; auto: 1024, or 2048 from 1M indexed rows.")
 @click.option("--index", "index", type=INDEX, default=None,
               help="Keep the index here (built if missing, reused if it matches); default: a temporary one.")
 @click.option("--device", default="cpu", show_default=True)
@@ -91,7 +93,7 @@ def run(model_path: Path, train: Path | None, test: str, entity_to_id: Path | No
         output: Path, test_indices: str | None, use_last_layers_only: bool, num_last_layers: int | None,
         last_layer_names: str | None, learning_rate: float | None, run_mode: str, score_mode: str, optimizer: str, top_k: int,
         model_class: str | None, model_kwargs: str | None, inverse_triples: bool | None, checkpoint_dir: Path | None,
-        loss: str, projection: str, dim: int, index: StorePath | None, device: str, overwrite: bool,
+        loss: str, projection: str, dim: int | None, index: StorePath | None, device: str, overwrite: bool,
         threads: int | None) -> None:
     """One shot, with the earlier run_tracin.py's options: model and triples in, results file out.
 
