@@ -2,9 +2,9 @@
 bulk throughput, and top-10 recall of both ends against brute force, over ``nprobe`` and the code size.
 
 Synthetic KG and ConvE d=200 as ``bench_build.py --series`` (one entity per 18.7 triples from 272k), sparse
-k=1024, one checkpoint. Prints markdown tables; nothing is downloaded.
+projection (k by default: 2048 from 1M rows), one checkpoint. Prints markdown tables; nothing is downloaded.
 
-    python benchmarks/bench_ann.py --triples 1000000 --workdir /tmp/ann1m [--faiss PQ256x4fs]
+    python benchmarks/bench_ann.py --triples 1000000 --workdir /tmp/ann1m [--dim auto] [--faiss auto]
         [--also IVF1024,SQ8] [--nprobe 8,16,32,64] [--queries 50] [--recall 30] [--bulk 2000] [--scan]
         [--threads 2]
 
@@ -16,7 +16,8 @@ Stages, each in a fresh process so that the query process's peak RSS is its own:
 3. the query process: ``open_index(search="ann")`` and the first answer (cold start), ``--queries`` ad-hoc
    queries (p50 / p99), bulk scoring of ``--bulk`` triples, peak RSS; then, per index and ``nprobe``, the
    latency and the recall of the probe triples' top-10 proponents and opponents; with ``--scan``, the same for
-   the exact scan of the float32 rows (the search below 1M rows), where they fit in memory.
+   the exact scan of the float32 rows (the search below 1M rows), where they fit in memory; and, per index and
+   ``nprobe``, the recall of each end against the number of candidates searched for it.
 
 Recall: the share of the brute-force top-10 (positive values for proponents, negative for opponents) that the
 query lists, after its exact re-rank of the candidates (400 proponents, 2,000 opponents: the default with a
@@ -60,17 +61,22 @@ def spec_file(work: Path, spec: str) -> Path:
 def stage_build(args: argparse.Namespace) -> dict[str, Any]:
     from tracin_index import BuildConfig, build_index
     from tracin_index.ann import build_faiss
+    from tracin_index.projection import ProjectionSpec
     from tracin_index.store import Store
 
     work, out = args.workdir, {}
     bundle = synthetic_bundle(args.triples, entities_for(args.triples), RELATIONS, work)
     if not (work / "idx" / "LATEST").exists():
         t0 = time.perf_counter()
-        build_index(bundle, work / "idx", config=BuildConfig(faiss=args.faiss, faiss_sample=args.sample))
+        build_index(bundle, work / "idx", config=BuildConfig(faiss=args.faiss, faiss_sample=args.sample,
+                                                             projection=ProjectionSpec(dim=args.dim)))
         out["build_s"] = time.perf_counter() - t0
     store = Store.open(work / "idx")
-    if store.attrs["faiss"]["spec"] != args.faiss:
-        sys.exit(f"{work}'s build holds FAISS {store.attrs['faiss']['spec']}, not {args.faiss}; use another --workdir")
+    dim, spec = store.attrs["projection"]["dim"], store.attrs["faiss"]["spec"]
+    if args.dim not in (None, dim) or args.faiss not in ("auto", spec):
+        sys.exit(f"{work}'s build projects to {dim} with FAISS {spec}, not --dim {args.dim} --faiss {args.faiss}; "
+                 "use another --workdir")
+    out["dim"], out["spec"] = dim, spec
     out["faiss_s"] = float(store.attrs["timings"].get("faiss_s", float("nan")))
     out["faiss_bytes"] = int(store.attrs["faiss"]["bytes"])
     out["store_gb"] = sum(f.stat().st_size for f in (work / "idx").rglob("*") if f.is_file()) / 1e9
@@ -113,6 +119,29 @@ def _recall(results: Any, truth: Any) -> tuple[float, float]:
     return float(hits[0] / max(1, wanted[0])), float(hits[1] / max(1, wanted[1]))
 
 
+CURVE = (400, 1000, 2000, 4000, 8000, 16000)  # candidates per end of the recall curve
+
+
+def _curve(faiss_index: Any, q: np.ndarray, train_index: np.ndarray, truth: Any) -> tuple[list[float], list[float]]:
+    """Recall@10 of each end against the candidates searched for it (an exact re-rank keeps every true top-10
+    row among its candidates): the share of the brute-force top-10 inside the top ``c`` of ``q`` and ``-q``."""
+    from tracin_index.search import both_ends
+
+    _, pi, _, oi = both_ends(faiss_index, q, CURVE[-1], CURVE[-1])
+    out: list[list[float]] = [[], []]
+    for e, (ids, key) in enumerate(((pi, "top"), (oi, "bottom"))):
+        sign = 1 if e == 0 else -1
+        for c in CURVE:
+            hits = wanted = 0
+            for j in range(len(q)):
+                want = {int(t) for t, v in zip(truth[key][j], truth[f"{key}_v"][j], strict=True) if sign * v > 0}
+                got = ids[j, :c]
+                hits += len(want & set(train_index[got[got >= 0]].tolist()))
+                wanted += len(want)
+            out[e].append(hits / max(1, wanted))
+    return out[0], out[1]
+
+
 def _timed(index: Any, triples: torch.Tensor) -> tuple[list[Any], np.ndarray]:
     results, lat = [], []
     for i in range(len(triples)):
@@ -150,15 +179,19 @@ def stage_query(args: argparse.Namespace) -> dict[str, Any]:
     faiss = faiss_module()
     assert isinstance(index.searcher, AnnSearcher)
     fallback = index.searcher.fallback
-    rows = []
-    for spec in [args.faiss, *args.also]:
-        if spec != args.faiss:
+    rows, curves = [], []
+    q_rows = index.test_rows(probe)[0]
+    built = index.store.attrs["faiss"]["spec"]
+    for spec in [built, *args.also]:
+        if spec != built:
             data = np.frombuffer(spec_file(args.workdir, spec).read_bytes(), dtype=np.uint8)
             index.searcher = AnnSearcher(faiss.deserialize_index(data), fallback)
         for nprobe in args.nprobe:
             searcher = index.searcher
             assert isinstance(searcher, AnnSearcher)
             searcher.nprobe = set_search_parameter(searcher.index, nprobe)
+            pro_c, opp_c = _curve(searcher.index, q_rows, index.train_index, truth)
+            curves.append({"spec": spec, "nprobe": searcher.nprobe, "pro": pro_c, "opp": opp_c})
             results, lat = _timed(index, probe)
             pro, opp = _recall(results, truth)
             rows.append({"spec": spec, "nprobe": searcher.nprobe, "code_bytes": int(searcher.index.sa_code_size()),
@@ -175,13 +208,14 @@ def stage_query(args: argparse.Namespace) -> dict[str, Any]:
                      "code_bytes": 4 * index.searcher.width + index.searcher.width,
                      "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                      "recall_pro": pro, "recall_opp": opp})
-    out["table"] = rows
+    out["table"], out["curves"] = rows, curves
     return out
 
 
 def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--stage", stage, "--triples", str(args.triples), "--workdir", str(args.workdir),
-           "--faiss", args.faiss, "--sample", str(args.sample), "--nprobe", ",".join(map(str, args.nprobe)),
+           "--faiss", args.faiss, "--dim", str(args.dim or "auto"), "--sample", str(args.sample),
+           "--nprobe", ",".join(map(str, args.nprobe)),
            "--queries", str(args.queries), "--recall", str(args.recall), "--bulk", str(args.bulk),
            "--threads", str(args.threads)]
     if args.also:
@@ -198,9 +232,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--triples", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, required=True, help="the model, index and brute force, reused")
-    parser.add_argument("--faiss", default="PQ256x4fs", help="the build's index_factory string")
+    parser.add_argument("--faiss", default="auto", help="the build's index_factory string (auto: the build's default)")
     parser.add_argument("--also", type=lambda s: [x for x in s.split(";") if x], default=[],
                         help="other index_factory strings compared on the same rows, ';'-separated")
+    parser.add_argument("--dim", type=lambda v: None if v == "auto" else int(v), default=None,
+                        help="the projection's dimension k (auto: the build's default)")
     parser.add_argument("--sample", type=int, default=65536, help="rows the FAISS index is trained on")
     parser.add_argument("--nprobe", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 32, 64],
                         help="comma-separated; the first is the one of the latency, bulk and RSS rows")
@@ -230,9 +266,9 @@ def main() -> None:
     n = args.triples
     print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
     print(f"workload: synthetic FB15k-237-shaped KG, {n:,} training triples ({entities_for(n):,} entities), ConvE "
-          f"d=200, inverse triples, last:2, sparse k=1024, top-10, {q['candidates'][0]} + {q['candidates'][1]} "
+          f"d=200, inverse triples, last:2, sparse k={b['dim']}, top-10, {q['candidates'][0]} + {q['candidates'][1]} "
           "candidates re-ranked exactly; "
-          f"build --faiss {args.faiss} (trained on {min(args.sample, n):,} rows)\n")
+          f"build --faiss {b['spec']} (trained on {min(args.sample, n):,} rows)\n")
     print("| measure | value |\n|---|---|")
     if "build_s" in b:
         print(f"| build with the FAISS index | {b['build_s']:.0f} s (of which FAISS {b['faiss_s']:.0f} s) |")
@@ -251,6 +287,13 @@ def main() -> None:
     for r in q["table"]:
         print(f"| {r['spec']} | {r['nprobe']} | {r['code_bytes']} | {r['p50_ms']:.0f} / {r['p99_ms']:.0f} | "
               f"{r['recall_pro']:.3f} | {r['recall_opp']:.3f} |")
+    print("\nRecall@10 pro / opp against the candidates searched per end (the exact re-rank keeps every true "
+          "top-10 row among them):\n")
+    print("| index | nprobe | " + " | ".join(f"{c:,}" for c in CURVE) + " |")
+    print("|---|---|" + "---|" * len(CURVE))
+    for c in q["curves"]:
+        cells = " | ".join(f"{p:.3f} / {o:.3f}" for p, o in zip(c["pro"], c["opp"], strict=True))
+        print(f"| {c['spec']} | {c['nprobe']} | {cells} |")
 
 
 if __name__ == "__main__":
