@@ -124,9 +124,10 @@ def main() -> None:
             recall_rows = [
                 f"| int8 prefilter vs full scan: identical top-10 lists, proponents / opponents ({nq} queries) | "
                 f"{same[0] / nq:.3f} / {same[1] / nq:.3f} |",
-                f"| recall@10 against brute force (exact over all rows, {t_exact:.0f} s), full scan (--search full): pro / opp | "
+                f"| recall@10 against brute force (exact over all rows, {t_exact:.0f} s), full scan (--search full, "
+                f"auto's choice: {not prefilter}): pro / opp | "
                 f"{hits[False][0] / wanted[0]:.3f} / {hits[False][1] / wanted[1]:.3f} |",
-                f"| recall@10 against brute force, int8 prefilter (default): pro / opp | "
+                f"| recall@10 against brute force, int8 prefilter (auto's choice: {prefilter}): pro / opp | "
                 f"{hits[True][0] / wanted[0]:.3f} / {hits[True][1] / wanted[1]:.3f} |",
             ]
 

@@ -113,6 +113,30 @@ def test_default_query_path_does_not_import_faiss(demo_index: Path) -> None:
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_search_takes_the_int8_prefilter_only_where_int8_products_are_fast(
+        demo_index: Path, fast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` keeps int8 codes for the prefilter where oneDNN's int8 GEMM serves them, else scans the float32
+    rows alone (``full``); the answers are the same."""
+    import tracin_index.search as search
+    from tracin_index import backend
+    from tracin_index.int8 import fast_int8
+
+    monkeypatch.setattr(search, "INT8_MIN_ROWS", 1)  # the demo index is below it
+    monkeypatch.setattr(search, "fast_int8", lambda: fast)
+    index = open_index(demo_index)
+    assert index.searcher.prefilter == fast
+    [got] = index.query("brazil intergovorgs usa", k=5)
+    [want] = open_index(demo_index, search="full").query("brazil intergovorgs usa", k=5)
+    assert [p.train_index for p in got.proponents] == [p.train_index for p in want.proponents]
+    assert [o.train_index for o in got.opponents] == [o.train_index for o in want.opponents]
+    backend.use("plain")
+    try:
+        assert not fast_int8()  # the plain backend packs nothing, so int8 products stay on int_mm
+    finally:
+        backend.use(None)
+
+
 def test_changed_checkpoint_is_refused(conve_inverse: Trained, tmp_path: Path) -> None:
     bundle = load_model(conve_inverse.directory)
     out = tmp_path / "idx"

@@ -9,6 +9,7 @@ from the float32 rows. :mod:`tracin_index.search` uses it for ad-hoc queries on 
 from __future__ import annotations
 
 import atexit
+import functools
 import threading
 import weakref
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from .search import Mask
 
 __all__ = ["INT8_MAX_WIDTH", "PACK_MIN_ROWS", "PREFILTER_FACTOR", "PREFILTER_MIN_ROWS", "PREFILTER_QUERIES", "Int8Rows",
-           "prefilter_scan", "quantize_rows"]
+           "fast_int8", "prefilter_scan", "quantize_rows"]
 
 PREFILTER_QUERIES = 16  # at most this many queries take the int8 prefilter (bound by the table's bytes up to here)
 PREFILTER_FACTOR = 2  # the int8 stage keeps 2x the asked candidates of each end for the float32 refine
@@ -46,6 +47,20 @@ def _stop_packing() -> None:
 
 _PACKING: weakref.WeakSet[Int8Rows] = weakref.WeakSet()  # background packs still alive
 atexit.register(_stop_packing)
+
+
+def fast_int8() -> bool:
+    """Whether oneDNN's int8 GEMM serves packed codes here with exact sums (:meth:`Int8Rows.pack` succeeds): what
+    makes the prefilter pay. Without it (CPUs without AVX-512 VNNI, or the ``plain`` backend) the products come
+    from ``int_mm``, which costs more than the float32 scan it would spare."""
+    return _fast_int8(backend.mode())
+
+
+@functools.cache
+def _fast_int8(mode: str) -> bool:
+    rows = Int8Rows.of(torch.randn(256, 64, generator=torch.Generator().manual_seed(0)))
+    rows.pack(background=False)
+    return rows.packed
 
 
 class Int8Rows:

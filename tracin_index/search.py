@@ -17,7 +17,8 @@ Engines over the same rows:
 the CPU, float16 on a GPU, products in float32), FAISS's GPU index when faiss-gpu and a GPU are
 there. When the rows would not fit (in ``memory`` bytes if given, else half the available RAM),
 ``auto`` streams from the store. ``full`` is the scan without the int8 prefilter: every query reads
-every float32 row.
+every float32 row; ``auto`` takes it too where int8 products are not cheaper than float32 ones (no oneDNN
+int8 GEMM here: :func:`~tracin_index.int8.fast_int8`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .int8 import (
     PREFILTER_MIN_ROWS,
     PREFILTER_QUERIES,
     Int8Rows,
+    fast_int8,
     prefilter_scan,
     quantize_rows,
 )
@@ -367,7 +369,7 @@ def make_searcher(store: Store, device: torch.device, backend: str = "auto", mem
     if backend == "ann" and not has_ann:
         raise InputError(f"{store.path.name} has no FAISS index, so {arg('search', 'ann')} cannot search it; build it "
                          f"with {arg('faiss')} (e.g. IVF1024,SQ8) or choose another search")
-    prefilter = (backend == "torch" or (backend == "auto" and store.num_rows >= INT8_MIN_ROWS)) and not on_gpu
+    prefilter = (backend == "torch" or (backend == "auto" and store.num_rows >= INT8_MIN_ROWS and fast_int8())) and not on_gpu
     if backend == "ray":
         from .sharded import ShardedSearcher
 
