@@ -109,14 +109,20 @@ def stage_exact(args: argparse.Namespace) -> dict[str, Any]:
     return {"exact_s": seconds}
 
 
-def _recall(results: Any, truth: Any) -> tuple[float, float]:
+def _share(listed: list[tuple[set[int], set[int]]], truth: Any) -> tuple[float, float]:
+    """Recall@10 of each end: the share of the brute-force top-10 (positive values for proponents, negative for
+    opponents) inside each probe's ``listed`` (proponent rows, opponent rows)."""
     hits, wanted = np.zeros(2), np.zeros(2)
-    for i, res in enumerate(results):
-        top = {int(t) for t, v in zip(truth["top"][i], truth["top_v"][i], strict=True) if v > 0}
-        bottom = {int(t) for t, v in zip(truth["bottom"][i], truth["bottom_v"][i], strict=True) if v < 0}
-        wanted += [len(top), len(bottom)]
-        hits += [len(top & {p.train_index for p in res.proponents}), len(bottom & {o.train_index for o in res.opponents})]
+    for i, ends in enumerate(listed):
+        for e, (key, sign) in enumerate((("top", 1), ("bottom", -1))):
+            want = {int(t) for t, v in zip(truth[key][i], truth[f"{key}_v"][i], strict=True) if sign * v > 0}
+            wanted[e] += len(want)
+            hits[e] += len(want & ends[e])
     return float(hits[0] / max(1, wanted[0])), float(hits[1] / max(1, wanted[1]))
+
+
+def _recall(results: Any, truth: Any) -> tuple[float, float]:
+    return _share([({p.train_index for p in r.proponents}, {o.train_index for o in r.opponents}) for r in results], truth)
 
 
 CURVE = (400, 1000, 2000, 4000, 8000, 16000)  # candidates per end of the recall curve
@@ -128,18 +134,12 @@ def _curve(faiss_index: Any, q: np.ndarray, train_index: np.ndarray, truth: Any)
     from tracin_index.search import both_ends
 
     _, pi, _, oi = both_ends(faiss_index, q, CURVE[-1], CURVE[-1])
-    out: list[list[float]] = [[], []]
-    for e, (ids, key) in enumerate(((pi, "top"), (oi, "bottom"))):
-        sign = 1 if e == 0 else -1
-        for c in CURVE:
-            hits = wanted = 0
-            for j in range(len(q)):
-                want = {int(t) for t, v in zip(truth[key][j], truth[f"{key}_v"][j], strict=True) if sign * v > 0}
-                got = ids[j, :c]
-                hits += len(want & set(train_index[got[got >= 0]].tolist()))
-                wanted += len(want)
-            out[e].append(hits / max(1, wanted))
-    return out[0], out[1]
+
+    def rows(ids: np.ndarray) -> set[int]:
+        return set(train_index[ids[ids >= 0]].tolist())
+
+    shares = [_share([(rows(pi[j, :c]), rows(oi[j, :c])) for j in range(len(q))], truth) for c in CURVE]
+    return [p for p, _ in shares], [o for _, o in shares]
 
 
 def _timed(index: Any, triples: torch.Tensor) -> tuple[list[Any], np.ndarray]:

@@ -160,14 +160,14 @@ def test_changed_checkpoint_is_refused(conve_inverse: Trained, tmp_path: Path) -
 
 def test_auto_dimension_follows_the_rows_indexed(conve_inverse: Trained, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """``dim`` unset (``--dim auto``): 1024 below ``LARGE_ROWS`` indexed rows, 2048 from there, recorded in the
+    """``dim`` unset (``--dim auto``): 1024 below ``ANN_MIN_ROWS`` indexed rows, 2048 from there, recorded in the
     store; the build equals one asked for that dimension, and an auto query projection matches it."""
     import tracin_index.projection as projection
 
     bundle = load_model(conve_inverse.directory)
     rows = len(bundle.triples.mapped)
     assert ProjectionSpec().for_rows(rows).dim == 1024 and ProjectionSpec(dim=64).for_rows(10**7).dim == 64
-    monkeypatch.setattr(projection, "LARGE_ROWS", rows // 2)  # the sample below is under it, the whole set over
+    monkeypatch.setattr(projection, "ANN_MIN_ROWS", rows // 2)  # the sample below is under it, the whole set over
     config = BuildConfig(unit_rows=400, faiss=None)
     big = build_index(bundle, tmp_path / "big", config=config)
     small = build_index(bundle, tmp_path / "small", config=BuildConfig(unit_rows=400, faiss=None, sample_rate=0.3))

@@ -23,6 +23,7 @@ import torch
 from .errors import InputError, arg
 from .forms import GradBlock, TrackedParam, densify
 from .registry import PROJECTIONS
+from .search import ANN_MIN_ROWS
 
 __all__ = ["ProjectionSpec", "Projector", "make_projector", "hash64"]
 
@@ -71,14 +72,13 @@ def hash64(key: int, coords: torch.Tensor) -> torch.Tensor:
     return _mix(coords.to(torch.int64) * _GOLDEN + key)
 
 
-DEFAULT_DIM = 1024  # the projected dimension below LARGE_ROWS indexed rows
-LARGE_DIM = 2048  # ... and from there: the compressed candidate search needs its opponents less noisy
-LARGE_ROWS = 1_000_000  # = search.ANN_MIN_ROWS, where the build's FAISS codes take over the search
+DEFAULT_DIM = 1024  # the projected dimension below ANN_MIN_ROWS indexed rows
+LARGE_DIM = 2048  # ... and from there, where the build's FAISS codes pick the candidates: their opponents need less noise
 
 
 def default_dim(rows: int) -> int:
     """The projected dimension of an index of ``rows`` rows when none is asked for."""
-    return LARGE_DIM if rows >= LARGE_ROWS else DEFAULT_DIM
+    return LARGE_DIM if rows >= ANN_MIN_ROWS else DEFAULT_DIM
 
 
 @dataclass(frozen=True)

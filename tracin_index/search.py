@@ -9,7 +9,8 @@ Engines over the same rows:
   (an ad-hoc query) first go through an int8 copy of the rows, then the float32 rows of the kept
   candidates (:mod:`tracin_index.int8`): fewer bytes read per query;
 - FAISS ``IndexFlatIP`` (``search="faiss"``; faiss-gpu's index on a GPU when it is installed): :func:`search`.
-  It searches twice (``q`` and ``-q``), and its top-k over hundreds of candidates is slower than the scan's;
+  It searches ``q`` and ``-q`` together (:func:`both_ends`), and its top-k over hundreds of candidates is slower
+  than the scan's;
 - the same scan streamed from the store, block by block (:class:`StreamSearcher`), for stores larger
   than memory: exact, one read of the store per search (batch the queries: bulk scoring does).
 
@@ -56,6 +57,7 @@ __all__ = ["BACKENDS", "PREFILTER_QUERIES", "FaissSearcher", "Int8Rows", "Search
 Mask = Callable[[int, int], torch.Tensor | None]
 BACKENDS = SEARCHES.names
 ANN_MIN_ROWS = 1_000_000  # from here ``auto`` searches the build's FAISS index, when it has one
+STREAM_MEMORY = 256 * 2**20  # bytes of rows and scores a streamed scan holds unless told
 SCORE_COPIES = 3  # float32 copies of a block's scores alive at once in scan_blocks (scores, signed, masked)
 
 
@@ -338,7 +340,7 @@ class StreamSearcher(Searcher):
 
     backend = "stream"
 
-    def __init__(self, store: Store, memory: int = 256 * 2**20, device: torch.device | None = None) -> None:
+    def __init__(self, store: Store, memory: int = STREAM_MEMORY, device: torch.device | None = None) -> None:
         self.store, self.width = store, int(store.attrs["width"])
         self.device = device or torch.device("cpu")
         # a row costs its stored bytes about three times over while Zarr decodes (chunk, checksum, output),
@@ -368,19 +370,23 @@ def make_searcher(store: Store, device: torch.device, backend: str = "auto", mem
     has_ann = bool(store.attrs.get("faiss"))
     if backend == "ann" and not has_ann:
         raise InputError(f"{store.path.name} has no FAISS index, so {arg('search', 'ann')} cannot search it; build it "
-                         f"with {arg('faiss')} (e.g. IVF1024,SQ8) or choose another search")
+                         f"with {arg('faiss')} (auto stores one from 1M rows; e.g. PQ256x4fs) or choose another search")
     prefilter = (backend == "torch" or (backend == "auto" and store.num_rows >= INT8_MIN_ROWS and fast_int8())) and not on_gpu
+
+    def streamed() -> StreamSearcher:  # the exact scan from the store: the search, or the codes' fallback
+        return StreamSearcher(store, memory or STREAM_MEMORY, device)
+
     if backend == "ray":
         from .sharded import ShardedSearcher
 
-        return ShardedSearcher(store, shards, StreamSearcher(store, memory or 256 * 2**20, device), nprobe=nprobe)
+        return ShardedSearcher(store, shards, streamed(), nprobe=nprobe)
     if backend == "ann" or (backend == "auto" and has_ann and not on_gpu and (
             store.num_rows >= ANN_MIN_ROWS or not _fits_in_memory(store, memory, prefilter))):
         from .ann import AnnSearcher, load_faiss
 
-        return AnnSearcher(load_faiss(store), StreamSearcher(store, memory or 256 * 2**20, device), nprobe)
+        return AnnSearcher(load_faiss(store), streamed(), nprobe)
     if backend == "stream" or (backend == "auto" and not _fits_in_memory(store, memory, prefilter)):
-        return StreamSearcher(store, memory or 256 * 2**20, device)
+        return streamed()
     faiss = faiss_module() if on_gpu or backend == "faiss" else None
     faiss_gpu = faiss is not None and on_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if SEARCHES[backend]["scan"] or (backend == "auto" and not faiss_gpu):

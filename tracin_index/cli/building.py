@@ -57,7 +57,7 @@ from .common import (
 @click.option("--faiss", "faiss_spec", default="auto", show_default=True, metavar="SPEC|auto|none",
               help="Also store a FAISS index of the rows: an index_factory string with inner product (e.g. IVF1024,SQ8, "
                    "HNSW32,SQ8), trained on a seeded sample; queries search its compact codes (--search ann; auto "
-                   "from 1M rows). auto: none below 1M rows, else IVF with about sqrt(N) lists and 8-bit codes.")
+                   "from 1M rows). auto: none below 1M rows, else an exhaustive scan of 4-bit PQ codes, PQ<width/4>x4fs.")
 @click.option("--faiss-sample", type=int, default=65536, show_default=True, help="Rows the FAISS index is trained on.")
 @click.option("--force", is_flag=True, help="Rebuild even when the published build has the same inputs and settings.")
 @click.option("--prepare", is_flag=True,
